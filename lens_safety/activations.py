@@ -256,7 +256,8 @@ def _read_entry(directory: Path) -> tuple[Tensor, Tensor, dict[str, Any]]:
         raise CacheError(f"{values_path} does not match its recorded sha256 (truncated or corrupted).")
     try:
         with safe_open(str(values_path), framework="pt") as f:
-            values, n_tokens = f.get_tensor("values"), f.get_tensor("n_tokens")
+            # Copy out of the file's memory map: a later change to the file must not alter results.
+            values, n_tokens = f.get_tensor("values").clone(), f.get_tensor("n_tokens").clone()
     except Exception as e:  # safetensors raises its own error types
         raise CacheError(f"{values_path} is unreadable ({e}).") from e
     return values, n_tokens, meta

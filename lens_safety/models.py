@@ -105,7 +105,7 @@ class SafetyModel:
 
     def __init__(self, bridge, tokenizer, *, name: str, weights_hash: str,
                  chat_default: bool | None = None, aligned: bool | None = None,
-                 provenance: dict[str, Any] | None = None) -> None:
+                 provenance: dict[str, Any] | None = None, hf_source: str | None = None) -> None:
         if bridge.training:
             bridge.eval()
         self.bridge = bridge
@@ -114,10 +114,13 @@ class SafetyModel:
         self.weights_hash = weights_hash
         self.aligned = aligned
         self.provenance = dict(provenance or {})
+        self.hf_source = hf_source  # the HF id or folder the weights were loaded from
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
-        self.chat_default = self.has_chat_template if chat_default is None else (chat_default and self.has_chat_template)
+        if chat_default is None:
+            chat_default = self.has_chat_template
+        self.chat_default = bool(chat_default and self.has_chat_template)
 
     # -- shape facts
     @property
@@ -258,8 +261,8 @@ class SafetyModel:
                                      f"d_model={self.d_model}: it was made with another model.")
         if weights_hash != self.weights_hash:
             raise ModelMismatchError(
-                f"The {what} was made with weights {weights_hash[:12]}, but this model is "
-                f"{self.weights_hash[:12]} ({self.name}). Recompute it with this model.")
+                f"The {what} came from another model (weights {weights_hash[:12]}), but this model is "
+                f"{self.name} (weights {self.weights_hash[:12]}). Recompute it with this model.")
 
 
 # -- fingerprints -----------------------------------------------------------------------------
@@ -392,7 +395,8 @@ def load_model(name: str | None = None, *, dtype: torch.dtype = torch.float32,
         provenance.update(gguf_sha256=art.sha256, licence=art.licence, origin=art.source)
     model = SafetyModel(bridge, tok, name=label, weights_hash=weights_hash,
                         chat_default=spec.chat if spec else None,
-                        aligned=spec.aligned if spec else None, provenance=provenance)
+                        aligned=spec.aligned if spec else None, provenance=provenance,
+                        hf_source=str(source))
     if check:
         check_model(model, reference)
     return model
