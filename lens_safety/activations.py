@@ -48,10 +48,6 @@ __all__ = ["Residuals", "collect_residuals", "SCHEMA_VERSION"]
 SCHEMA_VERSION = 1
 
 
-class _StopForward(Exception):
-    """Raised in the last capture hook to skip the rest of the forward (the unembedding)."""
-
-
 @dataclass
 class Residuals:
     """Residual-stream vectors at selected positions, one row per prompt.
@@ -432,7 +428,6 @@ def _capture_batch(model: SafetyModel, texts: list[str], names: list[str], posit
             off = width - length
             weights[i, off + s: off + e] = 1.0 / (e - s)
     store: dict[int, Tensor] = {}
-    last = len(names) - 1
 
     def keep(t: Tensor) -> Tensor:
         if positions == "last":
@@ -444,15 +439,11 @@ def _capture_batch(model: SafetyModel, texts: list[str], names: list[str], posit
     def make_hook(layer: int):
         def hook_fn(t: Tensor, hook) -> None:
             store[layer] = keep(t).cpu()
-            if layer == last:
-                raise _StopForward
         return hook_fn
 
-    try:
-        with model.bridge.hooks(fwd_hooks=[(name, make_hook(i)) for i, name in enumerate(names)]):
-            model.bridge(ids, attention_mask=mask)
-    except _StopForward:
-        pass
+    last = len(names) - 1
+    hooks = [(name, make_hook(i)) for i, name in enumerate(names[:-1])]
+    store[last] = keep(model.run_until(ids, mask, names[-1], hooks)).cpu()
     if len(store) != len(names):
         raise RuntimeError(f"Captured {len(store)} of {len(names)} layers: a hook did not fire.")
     return torch.stack([store[i] for i in range(len(names))], dim=1)

@@ -238,7 +238,38 @@ class SafetyModel:
             spans.append((toks[0], toks[-1] + 1) if toks else (len(offsets) - 1, len(offsets)))
         return spans
 
-    # -- pieces of the forward pass used by the lens and patching
+    # -- pieces of the forward pass used by capture, the lens, grafting and patching
+    def run_until(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, stop_hook: str,
+                  fwd_hooks: Sequence[tuple[str, Any]] = ()) -> torch.Tensor:
+        """Forward with ``fwd_hooks`` active, stopping right after hook ``stop_hook`` fires.
+
+        Returns the activation seen at ``stop_hook`` (after the other hooks ran). The rest of
+        the model, the 151k-vocabulary unembedding included, is never computed.
+        """
+        seen: dict[str, torch.Tensor] = {}
+
+        def stop(t: torch.Tensor, hook) -> None:
+            seen["t"] = t
+            raise _StopForward
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        try:
+            with self.bridge.hooks(fwd_hooks=list(fwd_hooks) + [(stop_hook, stop)]):
+                self.bridge(input_ids, attention_mask=attention_mask)
+        except _StopForward:
+            pass
+        if "t" not in seen:
+            raise RuntimeError(f"Hook {stop_hook!r} never fired; it is not a hook point of this model.")
+        return seen["t"]
+
+    def last_position_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                             fwd_hooks: Sequence[tuple[str, Any]] = ()) -> torch.Tensor:
+        """Next-token logits ``[batch, d_vocab]`` at the last position only (left padding: the last
+        real token), with ``fwd_hooks`` active; the unembedding runs on one position."""
+        resid = self.run_until(input_ids, attention_mask, self.resid_hook_name(self.n_layers), fwd_hooks)
+        return self.unembed(self.final_norm(resid[:, -1]))
+
     def final_norm(self, resid: torch.Tensor) -> torch.Tensor:
         """The model's final norm (``ln_final``) applied to raw residual-stream vectors."""
         return self.bridge.ln_final(resid)
@@ -263,6 +294,10 @@ class SafetyModel:
             raise ModelMismatchError(
                 f"The {what} came from another model (weights {weights_hash[:12]}), but this model is "
                 f"{self.name} (weights {self.weights_hash[:12]}). Recompute it with this model.")
+
+
+class _StopForward(Exception):
+    """Raised inside the last needed hook to skip the rest of the forward pass."""
 
 
 # -- fingerprints -----------------------------------------------------------------------------

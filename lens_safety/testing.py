@@ -76,7 +76,7 @@ def tiny_hf_model(seed: int = 0, n_layers: int = 3, d_model: int = 64, vocab_siz
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
                       num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=256, tie_word_embeddings=False,
+                      max_position_embeddings=2048, tie_word_embeddings=False,
                       pad_token_id=0, bos_token_id=0, eos_token_id=2)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     # Random init gives near-zero norms; widen them so layers differ and tests bite.
@@ -110,7 +110,7 @@ def tiny_model(kind: str = "hf", seed: int = 0, n_layers: int = 3, d_model: int 
     if kind == "native":
         torch.manual_seed(seed)
         cfg = TransformerBridgeConfig(d_model=d_model, d_head=16, n_heads=d_model // 16, n_layers=n_layers,
-                                      n_ctx=256, d_vocab=vocab_size, d_mlp=2 * d_model, act_fn="silu",
+                                      n_ctx=2048, d_vocab=vocab_size, d_mlp=2 * d_model, act_fn="silu",
                                       normalization_type="RMS", positional_embedding_type="rotary",
                                       gated_mlp=True, n_key_value_heads=2)
         bridge = TransformerBridge.boot_native(cfg, tokenizer=tok)

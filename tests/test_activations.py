@@ -170,8 +170,8 @@ def test_bad_input_errors(tiny):
     with pytest.raises(InputError, match="smaller k"):
         ls.collect_residuals(tiny, PROMPTS, positions=500, cache=False, progress=False)
     with pytest.raises(PromptTooLongError, match="Prompt 1 "):
-        ls.collect_residuals(tiny, ["short", "word " * 400], cache=False, progress=False)
-    kept = ls.collect_residuals(tiny, ["word " * 400], cache=False, progress=False, truncate=True)
+        ls.collect_residuals(tiny, ["short", "word " * 2500], cache=False, progress=False)
+    kept = ls.collect_residuals(tiny, ["word " * 2500], cache=False, progress=False, truncate=True)
     assert int(kept.n_tokens[0]) == tiny.n_ctx
 
 

@@ -1,0 +1,167 @@
+"""A self-contained HTML document: escaped text, embedded figures, tables, offline circuitsvis views.
+
+Everything that comes from data (prompt text, token strings, table cells) is HTML-escaped;
+circuitsvis props are JSON with ``<``, ``>`` and ``&`` escaped, so a prompt containing
+``</script>`` cannot leave its script. The circuitsvis bundle is inlined once per page, so
+the file opens offline and loads nothing from a URL.
+
+>>> doc = HtmlDocument("t")
+>>> doc.paragraph("<b>not bold</b>")
+>>> "&lt;b&gt;not bold&lt;/b&gt;" in doc.render()
+True
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["HtmlDocument", "safe_json", "circuitsvis_bundle", "circuitsvis_props"]
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #bbb}
+table{border-collapse:collapse;font-size:0.85em;margin:0.8em 0}td,th{border:1px solid #ccc;padding:3px 7px}
+th{background:#f2f2f2}figure{margin:1em 0}figcaption{font-size:0.9em;color:#555}
+.claim{background:#f6f8fa;border-left:4px solid #3a6ea5;padding:0.6em 1em;margin:1em 0}
+.number{font-weight:bold;color:#3a6ea5}.note{color:#8a5a00}.prompt{font-family:monospace;font-size:0.85em;
+white-space:pre-wrap;background:#fafafa;border:1px solid #eee;padding:0.4em}
+"""
+
+
+def safe_json(obj: Any) -> str:
+    """JSON that is safe inside ``<script>``: no ``<``, ``>`` or ``&`` characters survive."""
+    return (json.dumps(obj, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
+            .replace("&", "\\u0026").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def circuitsvis_bundle() -> str:
+    """The circuitsvis JavaScript bundle shipped in the package (no CDN)."""
+    import circuitsvis
+
+    path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    return path.read_text(encoding="utf-8").replace("</script>", "<\\/script>")
+
+
+def _to_jsonable(v: Any) -> Any:
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_to_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _to_jsonable(x) for k, x in v.items()}
+    return v
+
+
+def circuitsvis_props(view_fn, *args, **kwargs) -> tuple[str, dict[str, Any]]:
+    """(React element name, props) that a circuitsvis view function would render."""
+    import sys
+
+    module = sys.modules[view_fn.__module__]
+    captured: dict[str, Any] = {}
+    original = module.render
+    module.render = lambda name, **props: captured.update(name=name, props=props)
+    try:
+        view_fn(*args, **kwargs)
+    finally:
+        module.render = original
+    if "name" not in captured:
+        raise TypeError(f"{view_fn.__name__} is not a circuitsvis view function.")
+    return captured["name"], captured["props"]
+
+
+class HtmlDocument:
+    """Build a single offline HTML page section by section."""
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+        self._parts: list[str] = []
+        self._views = 0
+
+    # text
+    def heading(self, text: str, level: int = 2, anchor: str | None = None) -> None:
+        aid = f' id="{html.escape(anchor, quote=True)}"' if anchor else ""
+        self._parts.append(f"<h{level}{aid}>{html.escape(text)}</h{level}>")
+
+    def paragraph(self, text: str, css: str | None = None) -> None:
+        cls = f' class="{html.escape(css, quote=True)}"' if css else ""
+        self._parts.append(f"<p{cls}>{html.escape(text)}</p>")
+
+    def claim(self, claim: str, number: str | None = None) -> None:
+        num = f'<br><span class="number">{html.escape(number)}</span>' if number else ""
+        self._parts.append(f'<div class="claim">{html.escape(claim)}{num}</div>')
+
+    def bullets(self, items: list[str]) -> None:
+        self._parts.append("<ul>" + "".join(f"<li>{html.escape(str(i))}</li>" for i in items) + "</ul>")
+
+    def prompt_text(self, text: str) -> None:
+        self._parts.append(f'<div class="prompt">{html.escape(text)}</div>')
+
+    # data
+    def table(self, frame, caption: str | None = None, max_rows: int = 60, float_format: str = "{:.3f}") -> None:
+        shown = frame.head(max_rows)
+        body = shown.to_html(index=False, escape=True, border=0,
+                             float_format=lambda x: float_format.format(x), na_rep="")
+        cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+        more = (f"<p class='note'>{len(frame) - max_rows} more rows in the CSV.</p>"
+                if len(frame) > max_rows else "")
+        self._parts.append(f"<figure>{body}{cap}</figure>{more}")
+
+    def figure(self, fig, caption: str | None = None, dpi: int = 110) -> bytes:
+        """Embed a matplotlib figure as a base64 PNG; returns the PNG bytes."""
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        png = buf.getvalue()
+        self.image(png, caption)
+        return png
+
+    def image(self, png: bytes, caption: str | None = None) -> None:
+        data = base64.b64encode(png).decode()
+        cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+        alt = html.escape(caption or "figure", quote=True)
+        self._parts.append(f'<figure><img alt="{alt}" style="max-width:100%" '
+                           f'src="data:image/png;base64,{data}">{cap}</figure>')
+
+    def view(self, element: str, props: dict[str, Any], caption: str | None = None) -> None:
+        """A circuitsvis React view (e.g. ``"TopkTokens"``, ``"ColoredTokens"``) rendered offline."""
+        self._views += 1
+        vid = f"cv-view-{self._views}"
+        cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+        props = {k: _to_jsonable(v) for k, v in props.items() if v is not None}
+        self._parts.append(
+            f'<figure><div id="{vid}" class="cv-view" style="margin:10px 0"></div>{cap}</figure>'
+            f"<script>CircuitsVis.render({safe_json(vid)}, CircuitsVis[{safe_json(element)}], "
+            f"{safe_json(props)});</script>")
+
+    def circuitsvis(self, view_fn, *args, caption: str | None = None, **kwargs) -> None:
+        """Render a circuitsvis Python view function (e.g. ``circuitsvis.topk_tokens.topk_tokens``)
+        offline: its props are computed by circuitsvis itself, then embedded safely."""
+        element, props = circuitsvis_props(view_fn, *args, **kwargs)
+        self.view(element, props, caption)
+
+    def raw(self, trusted_html: str) -> None:
+        """Append HTML built by this package (never pass user or prompt text here)."""
+        self._parts.append(trusted_html)
+
+    def render(self) -> str:
+        bundle = f"<script>{circuitsvis_bundle()}</script>" if self._views else ""
+        return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+                f"<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; "
+                f"img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'\">"
+                f"<title>{html.escape(self.title)}</title><style>{_STYLE}</style>{bundle}</head><body>"
+                f"<h1>{html.escape(self.title)}</h1>" + "\n".join(self._parts) + "</body></html>")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the page atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.render(), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
