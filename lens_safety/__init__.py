@@ -20,7 +20,9 @@ _EXPORTS: dict[str, str] = {
     "DEFAULT_MODEL": "models", "EMBEDDED_MODELS": "models",
     # prompts and jailbreaks
     "Prompt": "prompts", "PromptSet": "prompts", "load_prompts": "prompts", "prompt_sets": "prompts",
-    "jailbreak": "jailbreaks", "jailbreak_methods": "jailbreaks",
+    "length_report": "prompts", "PromptSetInfo": "prompts",
+    "jailbreak": "jailbreaks", "jailbreak_methods": "jailbreaks", "jailbreak_templates": "jailbreaks",
+    "JailbreakMethod": "jailbreaks",
     # activations
     "collect_residuals": "activations", "Residuals": "activations",
     # refusal
