@@ -29,7 +29,8 @@ _EXPORTS: dict[str, str] = {
     "evaluate_refusal": "refusal", "RefusalResult": "refusal", "jailbreak_pairs": "refusal",
     "JailbreakPair": "refusal", "PairSet": "refusal",
     # probes
-    "probe_layers": "probes", "ProbeResult": "probes",
+    "probe_layers": "probes", "ProbeResult": "probes", "probe_transfer": "probes", "transfer_to": "probes",
+    "refusal_directions": "probes", "relative_depth_frame": "probes", "TransferResult": "probes",
     # lens and grafting
     "logit_lens": "lens", "LensResult": "lens", "Lexicon": "lens", "graft": "lens", "GraftResult": "lens",
     # patching
