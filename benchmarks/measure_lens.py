@@ -1,0 +1,91 @@
+"""Issue 5 measurements on the real default model: lens emergence, middle-layer tokens, grafting.
+
+Run:  cd /work/main && . .venv/bin/activate && HF_HUB_OFFLINE=1 \
+      flock /tmp/lens_safety_model.lock python /work/notes/helper5/lens_measure.py OUTDIR [N]
+"""
+import dataclasses
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import lens_safety as ls
+from lens_safety import viz
+
+out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/lens_measure")
+n = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+methods = ["nested_fiction", "prefix_injection"]
+out.mkdir(parents=True, exist_ok=True)
+torch.set_num_threads(2)
+warnings.filterwarnings("ignore", message="Glyph")
+t0 = time.time()
+model = ls.load_model()
+print(model, f"loaded in {time.time() - t0:.0f}s", flush=True)
+
+harmful = ls.load_prompts("harmbench").sample(n, seed=0)
+harmless = ls.load_prompts("harmless").sample(n, seed=0)
+sets = harmless + harmful
+for m in methods:
+    jb = ls.jailbreak(harmful, m)
+    sets = sets + ls.PromptSet([dataclasses.replace(p, label=f"jailbreak:{m}") for p in jb])
+t = time.time()
+acts = ls.collect_residuals(model, sets, batch_size=8, progress=False)
+print(f"residuals {tuple(acts.values.shape)} in {time.time() - t:.0f}s", flush=True)
+
+t = time.time()
+lens = ls.logit_lens(model, acts, top_k=5)
+print(f"lens in {time.time() - t:.0f}s", flush=True)
+print("emergence layer (mean refusal > mean positive mass, refusal > 0.01):", lens.emergence_layer())
+print("bare comparison (min_mass=0):", lens.emergence_layer(min_mass=0.0))
+cm = lens.category_mass()
+cm.to_csv(out / "category_mass.csv", index=False)
+piv = cm.pivot_table(index="layer", columns=["label", "category"], values="mean")
+with __import__("pandas").option_context("display.width", 250, "display.max_columns", 20):
+    print(piv[[c for c in piv.columns if c[1] != "neutral"]].round(4).to_string())
+cons = lens.consistency(n_top=3)
+cons.to_csv(out / "consistency.csv", index=False)
+for lab in dict.fromkeys(lens.labels):
+    c = cons[cons.label == lab]
+    print(f"\n[{lab}] layer: consistency, top tokens (count/{n})")
+    for _, r in c.iterrows():
+        print(f"  {r.layer:2d}: {r.consistency:.2f} {r.top_tokens}")
+t1 = lens.top1_category()
+t1.to_csv(out / "top1_category.csv", index=False)
+lens.plot("mass").savefig(out / "category_mass.png", dpi=120)
+for lab in dict.fromkeys(lens.labels):
+    lens.plot("heatmap", label=lab).savefig(out / f"heatmap_{lab.replace(':', '_')}.png", dpi=120)
+idx = [0, n, 2 * n, 3 * n]
+viz.save_views([viz.lens_topk_view(lens, idx)] + [viz.lens_trajectory_view(lens, i) for i in idx],
+               out / "lens_views.html", title="Logit lens, default model",
+               captions=["top-5 lens tokens per layer"] + [f"top-1 per layer, prompt {i} ({lens.labels[i]})"
+                                                           for i in idx])
+
+t = time.time()
+donor = acts.subset([i for i, lab in enumerate(acts.labels) if lab == "harmless"])
+# Graft only where there is a refusal to remove: the harmful prompts the model refuses (judge).
+base = ls.refusal.generate(model, harmful, max_new_tokens=24, batch_size=16, progress=False)
+refused = ls.PromptSet([p for p, r in zip(harmful, ls.refusal.judge(base)) if r][:12], name="refused")
+print(f"\nbaseline: {sum(ls.refusal.judge(base))}/{len(harmful)} harmful prompts refused; grafting {len(refused)} ({time.time() - t:.0f}s)", flush=True)
+t = time.time()
+g = ls.graft(model, refused, donor, generate=False, batch_size=16)
+print(f"graft scores (all layers) in {time.time() - t:.0f}s", flush=True)
+f = g.to_frame()
+f.to_csv(out / "graft_scores.csv", index=False)
+print(f[["layer", "score_before", "score", "delta", "delta_ci_low", "delta_ci_high"]].round(3).to_string())
+best = g.best_layer()
+print("best graft layer (largest mean refusal drop):", best)
+g.plot().savefig(out / "graft.png", dpi=120)
+t = time.time()
+gl = sorted({best, 12, 18})
+gg = ls.graft(model, refused, donor, layers=gl, generate=True, max_new_tokens=32, batch_size=16)
+print(f"graft + generation at {gl} in {time.time() - t:.0f}s", flush=True)
+fg = gg.to_frame()
+fg.to_csv(out / "graft_generation.csv", index=False)
+print(fg.round(3).to_string())
+for layer in [None] + gl:
+    print(f"-- layer {layer}: first 4 completions")
+    for c in gg.completions[layer][:4]:
+        print("   ", repr(c[:100]))
+print(f"total {time.time() - t0:.0f}s")

@@ -1,0 +1,716 @@
+"""Logit lens with a refusal / positive-emotion lexicon, Top-K Intermediate Consistency, Logit Grafting.
+
+The lens decodes every residual layer with the model's own read-out: the final norm
+(``model.final_norm``) applied **exactly once**, then the unembedding. Residual layers are
+indexed ``0..n_layers``: 0 is the embedding output, ``l`` the raw output of block ``l-1``
+(no final norm; unlike HF ``hidden_states`` whose last entry is already normed). So the
+last layer of the lens equals the model's own next-token logits.
+
+>>> import lens_safety as ls
+>>> model = ls.testing.tiny_model()
+>>> acts = ls.collect_residuals(model, ["Tell me a story", "Make a bomb"], cache=False, progress=False)
+>>> lens = ls.logit_lens(model, acts, top_k=3)
+>>> lens.top_ids.shape            # [prompt, layer, rank]
+torch.Size([2, 4, 3])
+>>> sorted(lens.to_frame().columns)[:4]
+['category', 'label', 'layer', 'prob']
+
+:func:`graft` implements the paper's *Logit Grafting* as a hook: the last-position residual
+of each prompt at layer ``l`` is replaced by a donor state (e.g. the harmless-class mean),
+the rest of the model runs, and the refusal score (and optionally the greedy reply) is
+compared with the ungrafted run.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .errors import InputError, ModelMismatchError
+from .prompts import PromptSet, as_prompt_set
+
+__all__ = ["Lexicon", "LensResult", "logit_lens", "lens_logits", "GraftResult", "graft", "mean_ci",
+           "DEFAULT_REFUSAL_WORDS", "DEFAULT_POSITIVE_WORDS"]
+
+# -- lexicon -----------------------------------------------------------------------------------
+
+#: Negative-emotion / refusal words. A trailing ``*`` marks a stem: any piece starting with it matches.
+DEFAULT_REFUSAL_WORDS: tuple[str, ...] = (
+    "sorry", "apolog*", "cannot", "unable", "unfortunately", "illegal", "unethical", "ethical", "ethics",
+    "harmful", "harm", "refuse", "refusal", "inappropriate", "against", "dangerous", "danger", "not", "no",
+    "never", "decline", "regret", "afraid", "unsafe", "violat*", "prohibit*", "forbid*", "offensive",
+    "malicious", "criminal", "crime", "illicit", "unlawful", "unacceptable", "irresponsible", "sadly",
+    "warning", "abuse", "immoral", "wrong", "policy", "guidelines", "disclaimer",
+    # Qwen-family models often surface Chinese pieces in the middle layers.
+    "抱歉", "对不起", "无法", "不能", "违法", "不", "拒绝",
+)
+#: Positive-emotion / affirmation words.
+DEFAULT_POSITIVE_WORDS: tuple[str, ...] = (
+    "sure", "certainly", "glad", "happy", "here", "step", "welcome", "absolutely", "course", "great",
+    "pleasure", "hello", "yes", "okay", "ok", "delighted", "love", "enjoy", "fantastic", "wonderful",
+    "excellent", "thank*", "awesome", "gladly", "definitely", "perfect", "nice", "good", "exciting",
+    "当然", "好的", "很高兴", "可以",
+)
+#: Common words that are heads of a lexicon word but mean something else ("again" / "against").
+DEFAULT_EXCLUDE: tuple[str, ...] = ("again", "wonder", "excel", "defin", "definit", "pleas", "polic",
+                                    "guide", "harmon")
+_MARKERS = "Ġ▁Ċ"  # leading-space / newline markers of byte-level BPE and sentencepiece
+
+
+def normalize_piece(piece: str) -> str:
+    """The form a decoded token piece is matched in: markers and whitespace stripped, case-folded.
+
+    >>> normalize_piece(" Sorry"), normalize_piece("▁apolog"), normalize_piece("Ġsure\\n")
+    ('sorry', 'apolog', 'sure')
+    """
+    return piece.strip().lstrip(_MARKERS).strip().casefold()
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """Token categories for colouring the lens: ``refusal``, ``positive``, then ``neutral`` (the rest).
+
+    ``categories`` maps a name to its words (a trailing ``*`` marks a stem). Pieces are
+    matched tokenizer-aware: each token id is decoded *on its own*, leading-space markers
+    (``Ġ``, ``▁``, spaces, newlines) are stripped and the rest is case-folded. A piece then
+    belongs to a category if
+
+    1. it equals one of the category's words (any length: ``"no"`` matches " No"), or
+    2. it starts with one of the category's stems (``"apolog*"`` matches " apologize", " apolog"), or
+    3. it is the head of a word or stem of at least ``min_word`` characters, and has at least
+       ``min_head`` characters (" unfortun" matches "unfortunately"), and is not in ``exclude``
+       (common words such as "again" that happen to be heads of "against").
+
+    So short pieces (``"un"``, ``"sor"``, ``"can"``, ``"ill"``) never match by rule 3 and
+    word-internal continuations (``"ologize"``) are neutral. Rule 3 is what catches the
+    truncated stems a BPE vocabulary holds. A piece matching several categories goes to
+    the first one in ``categories`` order. ``neutral`` is every other token id.
+
+    >>> lex = Lexicon.default().extend(refusal=["nope"], positive=["yay"])
+    >>> lex.category_of(" Sorry"), lex.category_of("ologize"), lex.category_of(" Unfortun"), lex.category_of("Yay")
+    ('refusal', 'neutral', 'refusal', 'positive')
+    """
+
+    categories: Mapping[str, tuple[str, ...]]
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    min_head: int = 5
+    min_word: int = 6
+    neutral: str = "neutral"
+
+    def __post_init__(self) -> None:
+        cats = {str(k): tuple(str(w) for w in v) for k, v in dict(self.categories).items()}
+        if not cats:
+            raise InputError("A Lexicon needs at least one category, e.g. {'refusal': ['sorry']}.")
+        if self.neutral in cats:
+            raise InputError(f"{self.neutral!r} is the catch-all category; do not list words for it.")
+        for name, words in cats.items():
+            for w in words:
+                if not normalize_piece(w.rstrip("*")):
+                    raise InputError(f"Category {name!r} has an empty word {w!r}.")
+        object.__setattr__(self, "categories", cats)
+        object.__setattr__(self, "exclude", tuple(normalize_piece(w) for w in self.exclude))
+        object.__setattr__(self, "_matchers", {name: _matcher(words, self) for name, words in cats.items()})
+
+    @classmethod
+    def default(cls) -> Lexicon:
+        """The paper's categories: refusal/negative emotion and affirmation/positive emotion."""
+        return cls({"refusal": DEFAULT_REFUSAL_WORDS, "positive": DEFAULT_POSITIVE_WORDS})
+
+    def extend(self, **words: Iterable[str]) -> Lexicon:
+        """A new lexicon with more words per category (new names add categories, before neutral)."""
+        cats = {k: tuple(v) for k, v in self.categories.items()}
+        for name, extra in words.items():
+            if isinstance(extra, str):
+                raise InputError(f"extend({name}=...) takes a list of words, got the string {extra!r}.")
+            cats[name] = cats.get(name, ()) + tuple(extra)
+        return Lexicon(cats, self.exclude, self.min_head, self.min_word, self.neutral)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Category names in order, ending with the neutral catch-all."""
+        return tuple(self.categories) + (self.neutral,)
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    def key(self) -> tuple:
+        """A hashable summary of everything that decides the matching (cache key)."""
+        return (tuple((k, v) for k, v in self.categories.items()), self.exclude, self.min_head,
+                self.min_word, self.neutral)
+
+    def category_of(self, piece: str) -> str:
+        """The category of one decoded token piece."""
+        norm = normalize_piece(piece)
+        for name, match in self._matchers.items():  # type: ignore[attr-defined]
+            if match(norm):
+                return name
+        return self.neutral
+
+    def token_categories(self, tokenizer) -> np.ndarray:
+        """Category index (into :attr:`names`) of every token id of the tokenizer; cached per tokenizer."""
+        store = _tokenizer_store(tokenizer)
+        key = ("categories", self.key())
+        if key not in store:
+            pieces = decoded_pieces(tokenizer)
+            cat = np.full(len(pieces), len(self.categories), dtype=np.int64)
+            for i, piece in enumerate(pieces):
+                c = self.category_of(piece)
+                if c != self.neutral:
+                    cat[i] = self.names.index(c)
+            store[key] = cat
+        return store[key]
+
+    def token_ids(self, tokenizer) -> dict[str, Tensor]:
+        """``{category: LongTensor of token ids}`` for every category, neutral included."""
+        cat = torch.from_numpy(self.token_categories(tokenizer))
+        return {name: (cat == i).nonzero().flatten() for i, name in enumerate(self.names)}
+
+
+def _matcher(words: Sequence[str], lex: Lexicon):
+    exact = {normalize_piece(w) for w in words if not w.endswith("*")}
+    stems = tuple(normalize_piece(w[:-1]) for w in words if w.endswith("*"))
+    heads = set()
+    for w in {normalize_piece(w.rstrip("*")) for w in words}:
+        if len(w) >= lex.min_word:
+            heads.update(w[:k] for k in range(lex.min_head, len(w)))
+    heads -= set(lex.exclude)
+
+    def match(norm: str) -> bool:
+        return bool(norm) and (norm in exact or (bool(stems) and norm.startswith(stems)) or norm in heads)
+
+    return match
+
+
+_STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _tokenizer_store(tokenizer) -> dict:
+    try:
+        return _STORES.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no caching
+        return {}
+
+
+def decoded_pieces(tokenizer, vocab_size: int | None = None) -> list[str]:
+    """Every token id decoded on its own (cached per tokenizer). Ids past the tokenizer are ``""``."""
+    store = _tokenizer_store(tokenizer)
+    n = len(tokenizer)
+    if "pieces" not in store:
+        store["pieces"] = tokenizer.batch_decode([[i] for i in range(n)])
+    pieces = store["pieces"]
+    if vocab_size is not None and vocab_size > len(pieces):
+        pieces = pieces + [""] * (vocab_size - len(pieces))
+    return pieces
+
+
+# -- statistics -----------------------------------------------------------------------------------
+
+def mean_ci(x: np.ndarray | Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and a Student-t confidence interval (float64). One value: the interval is the value itself.
+
+    >>> [round(v, 3) for v in mean_ci([1.0, 2.0, 3.0])]
+    [2.0, -0.484, 4.484]
+    """
+    a = np.asarray(x, dtype=np.float64)
+    a = a[~np.isnan(a)]
+    if a.size == 0:
+        return math.nan, math.nan, math.nan
+    m = float(a.mean())
+    if a.size == 1:
+        return m, m, m
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.5 + level / 2, a.size - 1) * a.std(ddof=1) / math.sqrt(a.size))
+    return m, m - half, m + half
+
+
+# -- logit lens -----------------------------------------------------------------------------------
+
+def lens_logits(model, resid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
+    """Decode raw residual-stream vectors: ``unembed(final_norm(resid))`` (the norm applied once)."""
+    shape = resid.shape
+    x = resid.reshape(1, -1, shape[-1]).to(device=model.device, dtype=model.dtype)
+    with torch.no_grad():
+        logits = model.unembed(model.final_norm(x))
+    return logits.reshape(*shape[:-1], logits.shape[-1])
+
+
+@dataclass
+class LensResult:
+    """Logit-lens read-out of every residual layer at the last position, per prompt.
+
+    ``top_ids`` / ``top_probs`` / ``tokens`` / ``top_categories`` are ``[prompt, layer, rank]``;
+    ``mass`` is ``[prompt, layer, category]``: the softmax probability summed over each
+    lexicon category's token ids (categories in ``categories`` order, neutral last, so a
+    row sums to 1). Layer 0 is the embedding output, ``l`` the raw output of block ``l-1``.
+    """
+
+    top_ids: Int[Tensor, "batch layer k"]
+    top_probs: Float[Tensor, "batch layer k"]
+    tokens: np.ndarray
+    top_categories: np.ndarray
+    mass: Float[Tensor, "batch layer category"]
+    categories: tuple[str, ...]
+    prompts: PromptSet
+    model_name: str
+    weights_hash: str
+    lexicon: Lexicon = field(default_factory=Lexicon.default)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.prompts.labels
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.top_ids.shape[1]) - 1
+
+    @property
+    def top_k(self) -> int:
+        return int(self.top_ids.shape[2])
+
+    def __len__(self) -> int:
+        return int(self.top_ids.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"LensResult(n={len(self)}, layers=0..{self.n_layers}, top_k={self.top_k}, "
+                f"categories={self.categories}, model={self.model_name!r})")
+
+    def _groups(self, by: str | None) -> list[tuple[str, np.ndarray]]:
+        if by is None:
+            return [("all", np.arange(len(self)))]
+        if by != "label":
+            raise InputError(f"by must be 'label' or None, got {by!r}.")
+        labels = np.asarray(self.labels, dtype=object)
+        return [(lab, np.flatnonzero(labels == lab)) for lab in dict.fromkeys(self.labels)]
+
+    def _label_rows(self, label: str | None) -> np.ndarray:
+        if label is None:
+            return np.arange(len(self))
+        rows = np.flatnonzero(np.asarray(self.labels, dtype=object) == label)
+        if rows.size == 0:
+            raise InputError(f"No prompts with label {label!r}; labels here: {sorted(set(self.labels))}.")
+        return rows
+
+    def to_frame(self):
+        """Long form: one row per prompt x layer x rank (``prompt`` is the prompt's index)."""
+        import pandas as pd
+
+        n, L, k = self.top_ids.shape
+        idx = np.indices((n, L, k)).reshape(3, -1)
+        labels = np.asarray(self.labels, dtype=object)
+        return pd.DataFrame({
+            "prompt": idx[0], "label": labels[idx[0]], "layer": idx[1], "rank": idx[2],
+            "token": self.tokens.reshape(-1), "token_id": self.top_ids.reshape(-1).numpy(),
+            "prob": self.top_probs.reshape(-1).numpy(), "category": self.top_categories.reshape(-1),
+        })
+
+    def category_mass(self, by: str | None = "label", level: float = 0.95):
+        """One row per set x layer x category: mean probability mass with a t confidence interval."""
+        import pandas as pd
+
+        rows = []
+        m = self.mass.double().numpy()
+        for lab, r in self._groups(by):
+            for layer in range(self.n_layers + 1):
+                for c, name in enumerate(self.categories):
+                    mean, lo, hi = mean_ci(m[r, layer, c], level)
+                    rows.append({"label": lab, "layer": layer, "category": name, "mean": mean,
+                                 "ci_low": lo, "ci_high": hi, "n": int(r.size)})
+        return pd.DataFrame(rows)
+
+    def top1_category(self, by: str | None = "label"):
+        """Per set x layer: the fraction of prompts whose top-1 lens token is in each category,
+        and the most common one (``top1_category``)."""
+        import pandas as pd
+
+        rows = []
+        for lab, r in self._groups(by):
+            for layer in range(self.n_layers + 1):
+                cats = self.top_categories[r, layer, 0]
+                row: dict[str, Any] = {"label": lab, "layer": layer, "n": int(r.size)}
+                for name in self.categories:
+                    row[f"frac_{name}"] = float(np.mean(cats == name))
+                row["top1_category"] = max(self.categories, key=lambda c: row[f"frac_{c}"])
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def consistency(self, by: str | None = "label", n_top: int = 3, key: str = "text"):
+        """Top-K Intermediate Consistency per set and layer.
+
+        For layer ``l`` and a set of ``N`` prompts: each prompt contributes its top-k lens
+        tokens at ``l``, a token counted at most once per prompt (``key="text"`` identifies
+        tokens by their normalised piece, so " Sorry" and "sorry" are one token;
+        ``key="id"`` by token id). ``count(t)`` is the number of prompts whose top-k list
+        holds ``t``, and::
+
+            consistency(l) = max_t count(t) / N      (in [1/N... , 1]; 1 = one token in every list)
+
+        Columns: ``label, layer, n, consistency, token`` (the most frequent token, its
+        normalised piece for ``key="text"``), ``count``, ``category`` (its lexicon
+        category), and ``top_tokens`` (the ``n_top`` most frequent, as ``[(token, count)]``).
+        Ties are broken by the lower mean rank, then alphabetically.
+        """
+        import pandas as pd
+
+        if key not in ("text", "id"):
+            raise InputError(f"key must be 'text' or 'id', got {key!r}.")
+        rows = []
+        for lab, r in self._groups(by):
+            for layer in range(self.n_layers + 1):
+                counts: Counter = Counter()
+                ranks: dict[Any, list[int]] = {}
+                shown: dict[Any, str] = {}
+                for i in r:
+                    seen = set()
+                    for rank in range(self.top_k):
+                        piece = str(self.tokens[i, layer, rank])
+                        t = normalize_piece(piece) if key == "text" else int(self.top_ids[i, layer, rank])
+                        shown.setdefault(t, t if key == "text" and t else piece)
+                        ranks.setdefault(t, []).append(rank)
+                        if t not in seen:
+                            seen.add(t)
+                            counts[t] += 1
+                order = sorted(counts, key=lambda t: (-counts[t], float(np.mean(ranks[t])), str(t)))
+                best = order[0]
+                piece = shown[best]
+                rows.append({"label": lab, "layer": layer, "n": int(r.size),
+                             "consistency": counts[best] / r.size, "token": piece, "count": counts[best],
+                             "category": self.lexicon.category_of(str(piece)),
+                             "top_tokens": [(shown[t], counts[t]) for t in order[:n_top]]})
+        return pd.DataFrame(rows)
+
+    def emergence_layer(self, label: str | None = None, *, refusal: str = "refusal", over: str = "positive",
+                        min_mass: float = 0.01) -> int | None | dict[str, int | None]:
+        """First layer where the set's mean ``refusal`` mass exceeds its mean ``over`` mass.
+
+        The refusal mass must also exceed ``min_mass`` (default 0.01): in early layers both
+        masses are ~1e-4 and their order is noise (on the default model the bare comparison
+        fires at layer 1 for every set). ``min_mass=0`` gives the bare comparison.
+        ``label=None`` with several labels returns ``{label: layer}``; ``None`` means never.
+        """
+        for c in (refusal, over):
+            if c not in self.categories:
+                raise InputError(f"Unknown category {c!r}; this lens has {self.categories}.")
+        if label is None and len(set(self.labels)) > 1:
+            return {lab: self.emergence_layer(lab, refusal=refusal, over=over, min_mass=min_mass)
+                    for lab in dict.fromkeys(self.labels)}
+        r = self._label_rows(label)
+        m = self.mass[r].double().mean(0)  # [layer, category]
+        ref, pos = m[:, self.categories.index(refusal)], m[:, self.categories.index(over)]
+        hits = ((ref > pos) & (ref > min_mass)).nonzero().flatten()
+        return int(hits[0]) if hits.numel() else None
+
+    def plot(self, kind: str = "mass", **kwargs):
+        """``kind="mass"``: category-mass curves per set with CI bands; ``"heatmap"``: layers x rank
+        token table coloured by category (``prompt=i`` for one prompt, ``label=`` for a set's most
+        frequent tokens). Returns the matplotlib Figure."""
+        from . import viz
+
+        if kind == "mass":
+            return viz.category_mass_figure(self, **kwargs)
+        if kind == "heatmap":
+            return viz.lens_heatmap(self, **kwargs)
+        raise InputError(f"kind must be 'mass' or 'heatmap', got {kind!r}.")
+
+    def views(self, prompts: Sequence[int] = (0,)):
+        """circuitsvis views of the chosen prompts: top-k tokens per layer (see :mod:`lens_safety.viz`)."""
+        from . import viz
+
+        return [viz.lens_topk_view(self, list(prompts))]
+
+
+def _as_residuals(model, residuals, system, chat, batch_size):
+    from .activations import Residuals, collect_residuals
+
+    if isinstance(residuals, Residuals):
+        return residuals
+    if isinstance(residuals, (PromptSet, list, tuple)):
+        return collect_residuals(model, residuals, batch_size=batch_size, cache=False, system=system,
+                                 chat=chat, progress=False)
+    raise InputError(f"Expected Residuals (from collect_residuals) or prompts, got {type(residuals).__name__}.")
+
+
+def _check_residuals(model, res) -> None:
+    model.check_compatible(res.weights_hash, res.d_model, what=f"residuals ({res.model_name})")
+    if res.values.dim() != 3:
+        raise InputError(f"The lens needs one vector per prompt and layer ([n, n_layers+1, d_model]); got "
+                         f"shape {tuple(res.values.shape)} (positions={res.positions!r}). Collect with "
+                         "positions='last' (or 'mean').")
+    if res.n_layers != model.n_layers:
+        raise ModelMismatchError(f"The residuals have {res.n_layers} layers, {model.name} has {model.n_layers}.")
+
+
+def logit_lens(model, residuals, top_k: int = 5, lexicon: Lexicon | None = None, *,
+               batch_size: int | None = None, max_memory_mb: int = 512, system: str | None = None,
+               chat: bool | None = None) -> LensResult:
+    """Decode every residual layer with the model's final norm (once) and unembedding.
+
+    ``residuals``: a :class:`~lens_safety.activations.Residuals` (``positions="last"``) from
+    this model, or prompts (then captured without cache). Keeps the ``top_k`` tokens per
+    prompt and layer and the probability mass of each ``lexicon`` category (default
+    :meth:`Lexicon.default`). Work is done in chunks of ``batch_size`` prompts (default:
+    as many as fit ``max_memory_mb`` of float32 logits), so memory stays bounded.
+    """
+    lexicon = lexicon or Lexicon.default()
+    res = _as_residuals(model, residuals, system, chat, batch_size or 16)
+    _check_residuals(model, res)
+    vocab = model.d_vocab
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab:
+        raise InputError(f"top_k must be an int in 1..{vocab} (the vocabulary size of {model.name}), got {top_k!r}.")
+    n, L = res.values.shape[:2]
+    if batch_size is None:
+        per_prompt = L * vocab * 4 * 3  # logits, probabilities, a temporary
+        batch_size = max(1, int(max_memory_mb * 2**20 // per_prompt))
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}.")
+
+    cat_np = lexicon.token_categories(model.tokenizer)
+    names = lexicon.names
+    cat = torch.full((vocab,), len(names) - 1, dtype=torch.long)
+    m = min(vocab, cat_np.size)
+    cat[:m] = torch.from_numpy(cat_np[:m])
+    onehot = torch.nn.functional.one_hot(cat, len(names)).to(device=model.device, dtype=torch.float32)
+
+    top_ids = torch.empty((n, L, top_k), dtype=torch.long)
+    top_probs = torch.empty((n, L, top_k), dtype=torch.float32)
+    mass = torch.empty((n, L, len(names)), dtype=torch.float32)
+    for s in range(0, n, batch_size):
+        logits = lens_logits(model, res.values[s:s + batch_size]).float()
+        probs = torch.softmax(logits, dim=-1)
+        del logits
+        p, i = probs.topk(top_k, dim=-1)
+        top_ids[s:s + batch_size], top_probs[s:s + batch_size] = i.cpu(), p.cpu()
+        mass[s:s + batch_size] = (probs @ onehot).cpu()
+        del probs
+    pieces = decoded_pieces(model.tokenizer, vocab)
+    tokens = np.empty(top_ids.shape, dtype=object)
+    cats = np.empty(top_ids.shape, dtype=object)
+    flat_ids = top_ids.reshape(-1).tolist()
+    tokens.reshape(-1)[:] = [pieces[i] for i in flat_ids]
+    cats.reshape(-1)[:] = [names[int(cat[i])] for i in flat_ids]
+    return LensResult(top_ids, top_probs, tokens, cats, mass, names, res.prompts, res.model_name,
+                      res.weights_hash, lexicon)
+
+
+# -- logit grafting ---------------------------------------------------------------------------------
+
+class _StopForward(Exception):
+    pass
+
+
+def _donor_states(model, donor, layers: list[int], donor_label: str | None, n_prompts: int) -> dict[int, Tensor]:
+    """Per grafted layer, a donor of shape [d_model] or [n_prompts, d_model]."""
+    from .activations import Residuals
+
+    d, L = model.d_model, model.n_layers
+    if isinstance(donor, Residuals):
+        model.check_compatible(donor.weights_hash, donor.d_model, what=f"donor residuals ({donor.model_name})")
+        if donor.values.dim() != 3:
+            raise InputError(f"Donor residuals must be one vector per prompt and layer ([n, n_layers+1, d_model]),"
+                             f" got {tuple(donor.values.shape)}; collect them with positions='last'.")
+        labels = list(dict.fromkeys(donor.labels))
+        if donor_label is None:
+            if len(labels) != 1:
+                raise InputError(f"The donor residuals hold several labels {labels}; pass donor_label= to "
+                                 "choose the class whose mean state is grafted.")
+            donor_label = labels[0]
+        rows = [i for i, lab in enumerate(donor.labels) if lab == donor_label]
+        if not rows:
+            raise InputError(f"No donor prompts with label {donor_label!r}; labels: {labels}.")
+        mean = donor.values[rows].double().mean(0).float()  # [L+1, d]
+        return {layer: mean[layer] for layer in layers}
+    if not isinstance(donor, Tensor):
+        raise InputError(f"donor must be Residuals or a Tensor, got {type(donor).__name__}.")
+    shp = tuple(donor.shape)
+    if shp == (L + 1, d):
+        return {layer: donor[layer] for layer in layers}
+    if shp == (d,):
+        if len(layers) != 1:
+            raise InputError(f"A donor of shape [d_model]=({d},) is one layer's state: pass exactly one layer "
+                             f"(got layers={layers}), or a [n_layers+1, d_model]=({L + 1}, {d}) donor.")
+        return {layers[0]: donor}
+    if shp == (n_prompts, L + 1, d):
+        return {layer: donor[:, layer] for layer in layers}
+    raise InputError(f"donor has shape {shp}; expected [n_layers+1, d_model]=({L + 1}, {d}), [d_model]=({d},) "
+                     f"for one layer, or per prompt [n_prompts, n_layers+1, d_model]=({n_prompts}, {L + 1}, {d}).")
+
+
+@torch.no_grad()
+def _last_resid(model, ids: Tensor, mask: Tensor, layer: int | None, state: Tensor | None) -> Tensor:
+    """Raw last-layer residual at the last position, with an optional graft at ``layer``."""
+    last_name = model.resid_hook_name(model.n_layers)
+    out: dict[str, Tensor] = {}
+
+    def replace(t: Tensor) -> Tensor:
+        t = t.clone()
+        t[:, -1] = state.to(device=t.device, dtype=t.dtype)
+        return t
+
+    def capture(t: Tensor, hook):
+        if layer == model.n_layers:
+            t = replace(t)
+        out["x"] = t[:, -1].detach().float()
+        raise _StopForward
+
+    hooks = [(last_name, capture)]
+    if layer is not None and layer != model.n_layers:
+        hooks.insert(0, (model.resid_hook_name(layer), lambda t, hook: replace(t)))
+    try:
+        with model.bridge.hooks(fwd_hooks=hooks):
+            model.bridge(ids, attention_mask=mask)
+    except _StopForward:
+        pass
+    return out["x"]
+
+
+def prompt_pass_graft_hook(model, layer: int, state: Tensor):
+    """A ``(hook_name, fn)`` for :func:`lens_safety.refusal.generate` that grafts ``state`` at residual
+    layer ``layer`` into the last *prompt* position only.
+
+    Inside ``generate`` it uses :func:`lens_safety.refusal.generation_step`: on the prompt pass
+    (step 0) position ``prompt_len - 1`` is replaced; with a KV cache the later passes (one
+    new position each) are left alone; without one they recompute the prompt, so the same
+    position is replaced again (same result as a cached run). Outside ``generate`` the last
+    position is replaced.
+    """
+    from .refusal import generation_step
+
+    def hook(t: Tensor, hook) -> Tensor | None:
+        s = generation_step()
+        if s is None:
+            pos = t.shape[1] - 1
+        elif s.kv_cache and s.step > 0:
+            return None
+        else:
+            pos = s.prompt_len - 1
+        t = t.clone()
+        t[:, pos] = state.to(device=t.device, dtype=t.dtype)
+        return t
+    return (model.resid_hook_name(layer), hook)
+
+
+@dataclass
+class GraftResult:
+    """Refusal score (log-odds, last position) per prompt before and after grafting at each layer.
+
+    ``before`` is ``[n]``, ``after`` ``[n_grafted_layers, n]`` (rows in ``layers`` order).
+    With generation: ``completions`` / ``complied`` per layer (key ``None`` = ungrafted).
+    """
+
+    layers: list[int]
+    before: Float[Tensor, " batch"]
+    after: Float[Tensor, "layer batch"]
+    prompts: PromptSet
+    model_name: str
+    donor: str
+    completions: dict[int | None, list[str]] = field(default_factory=dict)
+    complied: dict[int | None, list[bool]] = field(default_factory=dict)
+
+    @property
+    def delta(self) -> Tensor:
+        return self.after - self.before[None]
+
+    def to_frame(self, level: float = 0.95):
+        """One row per grafted layer: mean score, mean change with its CI, and compliance counts."""
+        import pandas as pd
+
+        rows = []
+        before = mean_ci(self.before.numpy(), level)[0]
+        for j, layer in enumerate(self.layers):
+            score, s_lo, s_hi = mean_ci(self.after[j].numpy(), level)
+            delta, lo, hi = mean_ci(self.delta[j].numpy(), level)
+            row = {"layer": layer, "score_before": before, "score": score, "score_ci_low": s_lo,
+                   "score_ci_high": s_hi, "delta": delta, "delta_ci_low": lo, "delta_ci_high": hi,
+                   "n": len(self.prompts)}
+            if layer in self.complied:
+                c = self.complied[layer]
+                row.update(n_complied=int(sum(c)), frac_complied=float(np.mean(c)))
+                if None in self.complied:
+                    row["n_complied_before"] = int(sum(self.complied[None]))
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def best_layer(self) -> int:
+        """The grafted layer with the largest mean drop in refusal score."""
+        return self.layers[int(self.delta.double().mean(1).argmin())]
+
+    def plot(self):
+        """Mean refusal score per grafted layer with a CI band, and the ungrafted level."""
+        from . import viz
+
+        return viz.graft_figure(self)
+
+
+def graft(model, prompts, donor, layers: int | Sequence[int] | None = None, *, max_new_tokens: int = 32,
+          generate: bool = True, batch_size: int = 16, donor_label: str | None = None,
+          system: str | None = None, chat: bool | None = None, progress: bool = False) -> GraftResult:
+    """Logit Grafting: replace the last-position residual at layer ``l`` by a donor state.
+
+    ``donor``: :class:`~lens_safety.activations.Residuals` (the mean of class ``donor_label``
+    at each layer, e.g. the harmless mean), a Tensor ``[n_layers+1, d_model]``, a Tensor
+    ``[d_model]`` (one layer only), or ``[n_prompts, n_layers+1, d_model]`` (one donor per
+    prompt). ``layers``: residual layers (0 = embedding output, l = after block l-1;
+    default all). Per layer, the rest of the model runs and the refusal score (log-odds
+    of refusal vs compliance starts at the last position, :class:`RefusalTokens`) is
+    compared with the ungrafted run. With ``generate``, greedy replies are produced with
+    the graft active on the prompt pass only, and judged.
+    """
+    from .refusal import RefusalTokens
+
+    ps = as_prompt_set(prompts)
+    if len(ps) == 0:
+        raise InputError("graft needs at least one prompt.")
+    if layers is None:
+        layers = list(range(model.n_layers + 1))
+    elif isinstance(layers, int):
+        layers = [layers]
+    layers = [int(x) for x in layers]
+    for x in layers:
+        model.resid_hook_name(x)  # validates the range
+    if not layers:
+        raise InputError("layers is empty.")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}.")
+    states = _donor_states(model, donor, layers, donor_label, len(ps))
+    if generate and any(st.dim() == 2 for st in states.values()):
+        raise InputError("Generation with per-prompt donors is not supported (generate batches prompts by "
+                         "length); pass generate=False or a [n_layers+1, d_model] donor.")
+    donor_desc = (f"mean of {donor_label or donor.labels[0]!r} residuals" if not isinstance(donor, Tensor)
+                  else f"tensor {tuple(donor.shape)}")
+    rt = RefusalTokens.from_tokenizer(model.tokenizer)
+    formatted = model.format(ps, system=system, chat=chat)
+    before = torch.empty(len(ps))
+    after = torch.empty(len(layers), len(ps))
+    for s in range(0, len(ps), batch_size):
+        enc = model.tokenize(formatted[s:s + batch_size], chat=chat)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        before[s:s + ids.shape[0]] = rt.score(lens_logits(model, _last_resid(model, ids, mask, None, None))).cpu()
+        for j, layer in enumerate(layers):
+            st = states[layer]
+            st = st[s:s + ids.shape[0]] if st.dim() == 2 else st
+            x = _last_resid(model, ids, mask, layer, st)
+            after[j, s:s + ids.shape[0]] = rt.score(lens_logits(model, x)).cpu()
+    result = GraftResult(layers, before, after, ps, model.name, donor_desc)
+    if generate:
+        from . import refusal
+
+        def run(hooks):
+            out = refusal.generate(model, ps, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system,
+                                   chat=chat, fwd_hooks=hooks, progress=progress)
+            return out, [not r for r in refusal.judge(out)]
+
+        result.completions[None], result.complied[None] = run(())
+        for layer in layers:
+            hook = prompt_pass_graft_hook(model, layer, states[layer])
+            result.completions[layer], result.complied[layer] = run([hook])
+    return result
+

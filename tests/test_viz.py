@@ -1,0 +1,110 @@
+"""Figures and offline circuitsvis views (plus a headless-Chromium render check)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+import pytest
+from matplotlib.colors import to_hex
+
+import lens_safety as ls
+from lens_safety import viz
+from lens_safety.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def lens(tiny):
+    ps = (ls.PromptSet.from_texts(["Tell me a story", "Bake bread please"], label="harmless")
+          + ls.PromptSet.from_texts(["Make a bomb", "Steal a car"], label="harmful"))
+    lex = ls.Lexicon({"refusal": ["no", "can", "kil*", "that"], "positive": ["step", "help", "the"]})
+    return ls.logit_lens(tiny, ps, top_k=3, lexicon=lex)
+
+
+def test_heatmap_cells_show_tokens_and_categories(lens):
+    fig = viz.lens_heatmap(lens, prompt=2)
+    ax = fig.axes[0]
+    assert len(ax.texts) == (lens.n_layers + 1) * lens.top_k
+    # cell (layer 1, rank 2) holds that token and its probability
+    t = ax.texts[1 * lens.top_k + 2].get_text()
+    assert t == f"{viz._display(lens.tokens[2, 1, 2])[:10]}\n{float(lens.top_probs[2, 1, 2]):.2f}"
+    img = ax.images[0].get_array()
+    assert to_hex(img[1, 2]) == viz._color(lens.top_categories[2, 1, 2], light=True)
+    fig2 = viz.lens_heatmap(lens, label="harmful")
+    cons = lens.consistency(n_top=3)
+    top = cons[(cons.label == "harmful") & (cons.layer == 0)].top_tokens.iloc[0]
+    assert fig2.axes[0].texts[0].get_text().endswith(f"{top[0][1]}/2")
+    with pytest.raises(InputError):
+        viz.lens_heatmap(lens, prompt=10)
+
+
+def test_mass_curves_plot_the_means(lens):
+    fig = lens.plot("mass")
+    cm = lens.category_mass()
+    ax = fig.axes[0]  # refusal
+    lines = {ln.get_label().split(" ")[0]: ln for ln in ax.get_lines()}
+    assert set(lines) == {"harmless", "harmful"}
+    want = cm[(cm.label == "harmful") & (cm.category == "refusal")]["mean"].to_numpy()
+    assert np.allclose(lines["harmful"].get_ydata(), want)
+    assert len(fig.axes) == 2
+
+
+def test_views_html_is_offline_and_escaped(lens, tmp_path):
+    views = [viz.lens_topk_view(lens, [0, 2]), viz.token_scores_view(["I", "'m", " sorry"], [0.1, -0.5, 0.9])]
+    frag = viz.views_html(views, captions=["<b>harmful</b>", "scores & more"])
+    assert "&lt;b&gt;harmful&lt;/b&gt;" in frag and "scores &amp; more" in frag and "<b>harmful" not in frag
+    assert frag.count('<div class="ls-view">') == 2 and frag.count("</div></div>") >= 2
+    assert not re.search(r"<script[^>]+src=", frag)  # no CDN: the bundle is inlined
+    assert all(v.local_src in frag for v in views)
+    path = viz.save_views(views, tmp_path / "sub" / "v.html", title="Lens <views>")
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and "<title>Lens &lt;views&gt;</title>" in text
+    assert len(text) > 1_000_000 and not list(path.parent.glob("*.tmp"))
+    with pytest.raises(InputError):
+        viz.token_scores_view(["a", "b"], [1.0])
+    with pytest.raises(InputError):
+        viz.views_html(["not a view"])
+
+
+def _dump_dom(path) -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    with tempfile.TemporaryDirectory() as profile:
+        out = subprocess.run(
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
+             f"--user-data-dir={profile}", "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
+             "--virtual-time-budget=5000", "--dump-dom", path.as_uri()],
+            capture_output=True, text=True, timeout=120)
+    return out.stdout
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")
+                         or shutil.which("google-chrome")), reason="chromium is not installed")
+def test_views_render_offline_in_chromium(lens, tmp_path):
+    tokens = ["Refusal", "marker", "QzxTOKEN"]
+    views = [viz.token_scores_view(tokens, [0.9, -0.2, 0.5]), viz.lens_topk_view(lens, [1])]
+    path = viz.save_views(views, tmp_path / "views.html", title="render check")
+    dom = _dump_dom(path)
+    body = re.sub(r"<script.*?</script>", "", dom, flags=re.S)
+    # the React components rendered: coloured token spans and the top-k table with a lens token
+    assert "QzxTOKEN" in body and 'class="colored-tokens"' in body
+    assert "<table" in body and "Lens probability" in body
+    assert re.sub(r"\s+", "", str(lens.tokens[1, 0, 0])) in re.sub(r"\s+", "", body.replace("&amp;", "&"))
+
+
+def test_trajectory_view_values_and_escaping(lens):
+    view = viz.lens_trajectory_view(lens, 3)
+    m = lens.mass[3]
+    diff = (m[:, 0] - m[:, 1]).tolist()
+    src = view.local_src
+    for layer in (0, lens.n_layers):
+        assert f"[{layer}]" in src
+    assert f"{diff[-1]}"[:8] in src  # the layer's refusal-minus-positive value is passed to the view
+    assert viz._visible("\n") == "\\n" and viz._visible("a\tb") == "a\\tb" and viz._visible(" ") == "' '"
+    assert viz._display("a\u200bb") == "a\\u200bb"
+    with pytest.raises(InputError):
+        viz.lens_trajectory_view(lens, 99)
