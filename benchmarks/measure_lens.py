@@ -1,7 +1,7 @@
 """Issue 5 measurements on the real default model: lens emergence, middle-layer tokens, grafting.
 
 Run:  cd /work/main && . .venv/bin/activate && HF_HUB_OFFLINE=1 \
-      flock /tmp/lens_safety_model.lock python /work/notes/helper5/lens_measure.py OUTDIR [N]
+      python benchmarks/measure_lens.py OUTDIR [N]
 """
 import dataclasses
 import sys
@@ -67,7 +67,9 @@ donor = acts.subset([i for i, lab in enumerate(acts.labels) if lab == "harmless"
 # Graft only where there is a refusal to remove: the harmful prompts the model refuses (judge).
 base = ls.refusal.generate(model, harmful, max_new_tokens=24, batch_size=16, progress=False)
 refused = ls.PromptSet([p for p, r in zip(harmful, ls.refusal.judge(base)) if r][:12], name="refused")
-print(f"\nbaseline: {sum(ls.refusal.judge(base))}/{len(harmful)} harmful prompts refused; grafting {len(refused)} ({time.time() - t:.0f}s)", flush=True)
+n_refused = sum(ls.refusal.judge(base))
+print(f"\nbaseline: {n_refused}/{len(harmful)} harmful prompts refused; grafting {len(refused)} "
+      f"({time.time() - t:.0f}s)", flush=True)
 t = time.time()
 g = ls.graft(model, refused, donor, generate=False, batch_size=16)
 print(f"graft scores (all layers) in {time.time() - t:.0f}s", flush=True)
