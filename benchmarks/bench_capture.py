@@ -42,6 +42,7 @@ def _run(mode: str) -> dict:
     lengths = model.tokenize(formatted)["attention_mask"].sum(1)
     order = torch.argsort(lengths, stable=True).tolist()
     batches = [[formatted[i] for i in order[j:j + BATCH]] for j in range(0, len(order), BATCH)]
+    encoded = [model.tokenize(texts) for texts in batches]
     hf = None
     if mode in ("bare", "reference"):
         from transformers import AutoModelForCausalLM
@@ -54,8 +55,7 @@ def _run(mode: str) -> dict:
         if mode == "capture":
             ls.collect_residuals(model, prompts, batch_size=BATCH, cache=False, progress=False)
         elif mode == "bare":
-            for texts in batches:
-                enc = model.tokenize(texts)
+            for enc in encoded:
                 hf.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
         else:
             kept = []

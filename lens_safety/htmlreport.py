@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HtmlDocument", "safe_json", "circuitsvis_bundle", "circuitsvis_props"]
+__all__ = ["HtmlDocument", "OfflineView", "safe_json", "circuitsvis_bundle", "circuitsvis_props"]
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
@@ -76,6 +76,41 @@ def circuitsvis_props(view_fn, *args, **kwargs) -> tuple[str, dict[str, Any]]:
     return captured["name"], captured["props"]
 
 
+class OfflineView:
+    """A circuitsvis view held as (React element, props), rendered safely and offline.
+
+    ``_repr_html_`` (Jupyter) and :meth:`html` inline the circuitsvis bundle, so nothing is
+    loaded from a CDN; props are embedded with :func:`safe_json`. Pages with several views
+    should use :class:`HtmlDocument`, which inlines the bundle once.
+    """
+
+    def __init__(self, element: str, props: dict[str, Any], caption: str | None = None) -> None:
+        self.element = element
+        self.props = {k: _to_jsonable(v) for k, v in props.items() if v is not None}
+        self.caption = caption
+
+    @classmethod
+    def from_function(cls, view_fn, *args, caption: str | None = None, **kwargs) -> OfflineView:
+        element, props = circuitsvis_props(view_fn, *args, **kwargs)
+        return cls(element, props, caption)
+
+    def html(self, include_bundle: bool = True) -> str:
+        import uuid
+
+        vid = f"cv-{uuid.uuid4().hex[:12]}"
+        bundle = f"<script>{circuitsvis_bundle()}</script>" if include_bundle else ""
+        cap = f"<figcaption>{html.escape(self.caption)}</figcaption>" if self.caption else ""
+        return (f'{bundle}<figure><div id="{vid}" class="cv-view" style="margin:10px 0"></div>{cap}</figure>'
+                f"<script>CircuitsVis.render({safe_json(vid)}, CircuitsVis[{safe_json(self.element)}], "
+                f"{safe_json(self.props)});</script>")
+
+    def _repr_html_(self) -> str:
+        return self.html()
+
+    def __repr__(self) -> str:
+        return f"OfflineView({self.element!r}, props={sorted(self.props)})"
+
+
 class HtmlDocument:
     """Build a single offline HTML page section by section."""
 
@@ -128,22 +163,12 @@ class HtmlDocument:
         self._parts.append(f'<figure><img alt="{alt}" style="max-width:100%" '
                            f'src="data:image/png;base64,{data}">{cap}</figure>')
 
-    def view(self, element: str, props: dict[str, Any], caption: str | None = None) -> None:
-        """A circuitsvis React view (e.g. ``"TopkTokens"``, ``"ColoredTokens"``) rendered offline."""
+    def view(self, view: OfflineView, caption: str | None = None) -> None:
+        """Add a circuitsvis view; the page inlines the bundle once, in its head."""
         self._views += 1
-        vid = f"cv-view-{self._views}"
-        cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-        props = {k: _to_jsonable(v) for k, v in props.items() if v is not None}
-        self._parts.append(
-            f'<figure><div id="{vid}" class="cv-view" style="margin:10px 0"></div>{cap}</figure>'
-            f"<script>CircuitsVis.render({safe_json(vid)}, CircuitsVis[{safe_json(element)}], "
-            f"{safe_json(props)});</script>")
-
-    def circuitsvis(self, view_fn, *args, caption: str | None = None, **kwargs) -> None:
-        """Render a circuitsvis Python view function (e.g. ``circuitsvis.topk_tokens.topk_tokens``)
-        offline: its props are computed by circuitsvis itself, then embedded safely."""
-        element, props = circuitsvis_props(view_fn, *args, **kwargs)
-        self.view(element, props, caption)
+        if caption is not None:
+            view = OfflineView(view.element, view.props, caption)
+        self._parts.append(view.html(include_bundle=False))
 
     def raw(self, trusted_html: str) -> None:
         """Append HTML built by this package (never pass user or prompt text here)."""

@@ -50,11 +50,9 @@ class StageOutput:
         plt.close(fig)
         self.figures[name] = buf.getvalue()
 
-    def add_view(self, view_fn, *args, caption: str = "", **kwargs) -> None:
-        from .htmlreport import circuitsvis_props
-
-        element, props = circuitsvis_props(view_fn, *args, **kwargs)
-        self.views.append({"element": element, "props": _jsonable(props), "caption": caption})
+    def add_view(self, view, caption: str = "") -> None:
+        """Keep a :class:`~lens_safety.htmlreport.OfflineView` (as element + props) for the report."""
+        self.views.append({"element": view.element, "props": _jsonable(view.props), "caption": caption})
 
     # persistence: one folder per stage
     def save(self, folder: Path, key: str) -> None:
@@ -413,7 +411,7 @@ class _Context:
     def stage_lens(self) -> StageOutput:
         from .activations import Residuals
         from .lens import logit_lens
-        from .viz import category_mass_figure, lens_heatmap
+        from .viz import category_mass_figure, lens_heatmap, lens_topk_view, lens_trajectory_view
 
         o = StageOutput()
         acts = Residuals.concat([self.residuals(k) for k in ("harmless", "harmbench", "jailbreak")])
@@ -427,7 +425,12 @@ class _Context:
         first_harmful = acts.labels.index("harmful")
         o.add_figure("lens_heatmap_harmful", lens_heatmap(lens, prompt=first_harmful))
         o.add_figure("lens_heatmap_harmless", lens_heatmap(lens, prompt=0))
-        o.views.extend(_views_of(lens, [0, first_harmful, acts.labels.index("jailbreak")]))
+        shown = [0, first_harmful, acts.labels.index("jailbreak")]
+        o.add_view(lens_topk_view(lens, shown), "Top-5 lens tokens per layer for a harmless, a harmful and a "
+                   "jailbreak prompt (interactive; choose 'topk' in the view's filter).")
+        for i in shown[1:]:
+            o.add_view(lens_trajectory_view(lens, i), f"Top-1 lens token per layer, coloured by refusal minus "
+                       f"affirmation mass (red = refusal): {acts.labels[i]} prompt.")
         return o
 
     def stage_graft(self) -> StageOutput:
@@ -481,18 +484,6 @@ class _Context:
         return o
 
 
-def _views_of(lens, prompts: list[int]) -> list[dict[str, Any]]:
-    from .htmlreport import circuitsvis_props
-
-    views = []
-    for v in lens.views(prompts):
-        fn, args, kwargs, caption = v if isinstance(v, tuple) else (None, (), {}, "")
-        if fn is not None:
-            element, props = circuitsvis_props(fn, *args, **kwargs)
-            views.append({"element": element, "props": _jsonable(props), "caption": caption})
-    return views
-
-
 # -- outputs ------------------------------------------------------------------------------
 
 def _headline(model, cfg: _Config, outputs: dict[str, StageOutput]) -> dict[str, Any]:
@@ -538,7 +529,7 @@ def _fmt(x: Any, digits: int = 2) -> str:
 
 
 def _build_html(model, cfg: _Config, outputs: dict[str, StageOutput], metrics: dict):
-    from .htmlreport import HtmlDocument
+    from .htmlreport import HtmlDocument, OfflineView
 
     h = metrics["headline"]
     doc = HtmlDocument(f"lens_safety report: {model.name}")
@@ -606,7 +597,7 @@ def _build_html(model, cfg: _Config, outputs: dict[str, StageOutput], metrics: d
     doc.image(ln.figures["lens_heatmap_harmless"], "Logit lens top-5 tokens per layer: a harmless prompt.")
     doc.table(ln.tables["lens_consistency"], "Top-K Intermediate Consistency per set and layer.", max_rows=30)
     for v in ln.views:
-        doc.view(v["element"], v["props"], v["caption"] or "Interactive top-k lens tokens (circuitsvis).")
+        doc.view(OfflineView(v["element"], v["props"]), v["caption"])
 
     doc.heading("Logit Grafting", anchor="graft")
     gr = outputs["graft"]

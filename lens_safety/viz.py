@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import html
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError
+from .htmlreport import HtmlDocument, OfflineView, circuitsvis_bundle
 
 __all__ = ["CATEGORY_COLORS", "new_figure", "line_with_band", "lens_heatmap", "category_mass_figure",
            "graft_figure", "label_colors", "lens_topk_view", "lens_trajectory_view", "token_scores_view", "views_html",
@@ -294,9 +294,10 @@ def lens_topk_view(result, prompts: Sequence[int] = (0,)):
         tokens.append([pieces[t] for t in uniq])
         acts.append(a)
         names.append(f"{p}: [{result.labels[p]}] {_short(result.prompts[p].text, 60)}")
-    return topk_tokens(tokens, acts, max_k=result.top_k, first_dimension_name="Layer",
-                       third_dimension_name="Lens probability", sample_labels=names,
-                       first_dimension_labels=[f"layer {i}" for i in range(result.n_layers + 1)])
+    return OfflineView.from_function(
+        topk_tokens, tokens, acts, max_k=result.top_k, first_dimension_name="Layer",
+        third_dimension_name="Lens probability", sample_labels=names,
+        first_dimension_labels=[f"layer {i}" for i in range(result.n_layers + 1)])
 
 
 def lens_trajectory_view(result, prompt: int = 0, refusal: str = "refusal", over: str = "positive"):
@@ -328,45 +329,36 @@ def token_scores_view(tokens: Sequence[str], values: Sequence[float] | np.ndarra
                     ("positive_color", positive_color)):
         if v is not None:
             kwargs[name] = v
-    return colored_tokens([str(t) for t in tokens], values.tolist(), **kwargs)
+    return OfflineView.from_function(colored_tokens, [str(t) for t in tokens], values.tolist(), **kwargs)
 
 
-def views_html(views: Sequence[Any], captions: Sequence[str] | None = None, title: str | None = None) -> str:
-    """An HTML fragment holding the views offline (JS inlined); captions/title are escaped.
-
-    Each view is wrapped in its own ``<div class="ls-view">`` and closed with an extra
-    ``</div>`` for circuitsvis' self-closing root.
-    """
-    views = list(views)
-    if captions is not None and len(captions) != len(views):
-        raise InputError(f"{len(captions)} captions for {len(views)} views.")
-    parts = []
-    if title:
-        parts.append(f"<h2>{html.escape(title)}</h2>")
+def views_html(views: Sequence[OfflineView], captions: Sequence[str] | None = None, title: str | None = None) -> str:
+    """An HTML fragment holding the views offline: the circuitsvis bundle inlined once, props
+    embedded as script-safe JSON, captions and title escaped."""
+    views = _check_views(views, captions)
+    parts = [f"<h2>{html.escape(title)}</h2>"] if title else []
+    parts.append(f"<script>{circuitsvis_bundle()}</script>")
     for i, v in enumerate(views):
-        src = getattr(v, "local_src", None)
-        if src is None:
-            raise InputError(f"View {i} is a {type(v).__name__}, not a circuitsvis RenderedHTML.")
-        cap = f"<p class=\"ls-caption\">{html.escape(captions[i])}</p>" if captions else ""
-        parts.append(f"<div class=\"ls-view\">{cap}{src}</div></div>")
+        cap = captions[i] if captions is not None else v.caption
+        parts.append(OfflineView(v.element, v.props, cap).html(include_bundle=False))
     return "\n".join(parts)
 
 
-def save_views(views: Sequence[Any], path: str | os.PathLike, title: str = "lens_safety views",
+def _check_views(views: Sequence[Any], captions: Sequence[str] | None) -> list[OfflineView]:
+    views = list(views)
+    if captions is not None and len(captions) != len(views):
+        raise InputError(f"{len(captions)} captions for {len(views)} views.")
+    for i, v in enumerate(views):
+        if not isinstance(v, OfflineView):
+            raise InputError(f"View {i} is a {type(v).__name__}, not a view from lens_safety.viz "
+                             "(wrap circuitsvis functions with OfflineView.from_function).")
+    return views
+
+
+def save_views(views: Sequence[OfflineView], path: str | os.PathLike, title: str = "lens_safety views",
                captions: Sequence[str] | None = None) -> Path:
     """Write one self-contained HTML page (works offline) atomically; returns its path."""
-    path = Path(path)
-    body = views_html(views, captions=captions)
-    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title></head>\n<body>\n<h1>{html.escape(title)}</h1>\n{body}\n"
-            "</body></html>\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    doc = HtmlDocument(title)
+    for i, v in enumerate(_check_views(views, captions)):
+        doc.view(v, captions[i] if captions is not None else None)
+    return doc.save(path)

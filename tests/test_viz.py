@@ -14,6 +14,7 @@ from matplotlib.colors import to_hex
 import lens_safety as ls
 from lens_safety import viz
 from lens_safety.errors import InputError
+from lens_safety.htmlreport import safe_json
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,9 @@ def test_views_html_is_offline_and_escaped(lens, tmp_path):
     views = [viz.lens_topk_view(lens, [0, 2]), viz.token_scores_view(["I", "'m", " sorry"], [0.1, -0.5, 0.9])]
     frag = viz.views_html(views, captions=["<b>harmful</b>", "scores & more"])
     assert "&lt;b&gt;harmful&lt;/b&gt;" in frag and "scores &amp; more" in frag and "<b>harmful" not in frag
-    assert frag.count('<div class="ls-view">') == 2 and frag.count("</div></div>") >= 2
+    assert frag.count("CircuitsVis.render(") == 2 and frag.count("var CircuitsVis") <= 1  # bundle inlined once
     assert not re.search(r"<script[^>]+src=", frag)  # no CDN: the bundle is inlined
-    assert all(v.local_src in frag for v in views)
+    assert all(safe_json(v.props) in frag for v in views)
     path = viz.save_views(views, tmp_path / "sub" / "v.html", title="Lens <views>")
     text = path.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>") and "<title>Lens &lt;views&gt;</title>" in text
@@ -67,6 +68,14 @@ def test_views_html_is_offline_and_escaped(lens, tmp_path):
         viz.token_scores_view(["a", "b"], [1.0])
     with pytest.raises(InputError):
         viz.views_html(["not a view"])
+
+
+def test_view_props_cannot_close_the_script():
+    view = viz.token_scores_view(["</script><script>alert(1)</script>", "ok"], [0.5, -0.5])
+    frag = viz.views_html([view])
+    after_bundle = frag.split("</script>", 1)[1]  # skip the inlined bundle's own script element
+    assert "alert(1)</script>" not in after_bundle and "\\u003c/script\\u003e" in after_bundle
+    assert after_bundle.count("<script>") == after_bundle.count("</script>") == 1
 
 
 def _dump_dom(path) -> str:
@@ -100,7 +109,7 @@ def test_trajectory_view_values_and_escaping(lens):
     view = viz.lens_trajectory_view(lens, 3)
     m = lens.mass[3]
     diff = (m[:, 0] - m[:, 1]).tolist()
-    src = view.local_src
+    src = safe_json(view.props)
     for layer in (0, lens.n_layers):
         assert f"[{layer}]" in src
     assert f"{diff[-1]}"[:8] in src  # the layer's refusal-minus-positive value is passed to the view
