@@ -153,6 +153,8 @@ class _Runner:
             if self.progress:
                 print(f"[lens-safety] {name} ...", flush=True)
             result = fn()
+            # metrics as JSON will give them back (string keys...), so fresh and cached runs agree
+            result.metrics = json.loads(json.dumps(_jsonable(result.metrics)))
             result.save(folder, full_key)
             status = "done"
         if self.progress:

@@ -12,7 +12,7 @@ import pytest
 
 import lens_safety as ls
 from lens_safety.errors import InputError
-from lens_safety.htmlreport import HtmlDocument, safe_json
+from lens_safety.htmlreport import HtmlDocument, circuitsvis_bundle, safe_json
 from lens_safety.report import run_pipeline
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -89,7 +89,11 @@ def test_rerun_uses_stage_cache(tiny_run, monkeypatch):
 def test_report_html_is_self_contained_and_escaped(tiny_run):
     _, out, _ = tiny_run
     page = (out / "report.html").read_text()
-    assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page
+    bundle = circuitsvis_bundle()
+    assert page.count(bundle) == 1  # the circuitsvis bundle is inlined once
+    ours = page.replace(bundle, "")
+    assert "http://" not in ours and "https://" not in ours  # (the bundle's own strings are not loads)
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page  # nothing may load anyway
     assert page.count("CircuitsVis.render(") >= 1
     assert "Provenance" in page and "Limits of this run" in page
     # every prompt that appears is escaped: no raw tag from prompt text survives
