@@ -541,8 +541,7 @@ class RefusalResult:
     def subset(self, index: Sequence[int] | np.ndarray) -> RefusalResult:
         """Rows picked by integer indices or a boolean mask."""
         idx = np.asarray(index)
-        if idx.dtype == bool:
-            idx = np.flatnonzero(idx)
+        idx = np.flatnonzero(idx) if idx.dtype == bool else idx.astype(np.int64)  # [] is float otherwise
         rows = idx.tolist()
         return RefusalResult(PromptSet([self.prompts[i] for i in rows], self.prompts.name),
                              [self.completions[i] for i in rows], self.refused[idx], self.score[idx],

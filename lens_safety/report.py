@@ -188,6 +188,7 @@ class _Config:
     seed: int
     n_pairs: int
     graft_layers: int
+    n_graft: int
     quick: bool
 
 
@@ -205,9 +206,10 @@ def _config(quick: bool, n: int | None, jailbreaks, batch_size: int, seed: int) 
         raise InputError(f"--n must be at least 4 (two CV folds need two prompts per class), got {n}.")
     if quick:
         n = 24 if n is None else n
-        return _Config(n, min(n, 16), chosen, 24, batch_size, seed, n_pairs=4, graft_layers=6, quick=True)
-    return _Config(n, 32 if n is None else min(n, 32), chosen, 40, batch_size, seed, n_pairs=8,
-                   graft_layers=12, quick=False)
+        return _Config(n, min(n, 16), chosen, 24, batch_size, seed, n_pairs=4, graft_layers=4, n_graft=6,
+                       quick=True)
+    return _Config(n, 32 if n is None else min(n, 32), chosen, 32, batch_size, seed, n_pairs=8,
+                   graft_layers=8, n_graft=12, quick=False)
 
 
 def _sets(cfg: _Config):
@@ -327,8 +329,6 @@ class _Context:
     def stage_refusal(self) -> StageOutput:
         import pandas as pd
 
-        from .refusal import attack_success
-
         o = StageOutput()
         if not self.aligned:
             o.skipped = (f"{self.model.name} is not a chat-aligned model: refusal rates and attack success "
@@ -336,14 +336,15 @@ class _Context:
             return o
         ev = self.eval_sets()
         results = {name: self.refusal(ps) for name, ps in ev.items()}
-        jb = self.refusal(self.jailbroken())
-        asr = attack_success(results["harmbench"], jb)
+        # Jailbreaks wrap only the requests refused when plain (what ASR is measured on); the
+        # same call gives the effective pairs, so the pairs stage reuses its cached generations.
+        pairs = self.pairs()
+        asr = pairs.asr
         rates = pd.DataFrame([{"set": k, "n": len(r.refused), "refusal_rate": r.refusal_rate,
                                "score_judge_agreement": r.agreement} for k, r in results.items()])
         o.tables["refusal_rates"] = rates
         o.tables["attack_success"] = asr
-        o.tables["refusal_examples"] = pd.concat(
-            [results["harmbench"].to_frame().head(6), jb.to_frame().head(6)], ignore_index=True)
+        o.tables["refusal_examples"] = results["harmbench"].to_frame().head(8)
         o.metrics = {"refusal_rate": {k: r.refusal_rate for k, r in results.items()},
                      "agreement": {k: r.agreement for k, r in results.items()},
                      "asr": {str(r["method"]): r["asr"] for _, r in asr.iterrows()}}
@@ -358,7 +359,8 @@ class _Context:
         pairs = self.pairs()
         frame = pairs.to_frame()
         o.tables["pairs"] = frame
-        o.metrics = {"n_pairs": len(pairs), "by_method": frame["method"].value_counts().to_dict() if len(pairs) else {}}
+        o.metrics = {"n_pairs": len(pairs),
+                     "by_method": frame["method"].value_counts().to_dict() if len(pairs) else {}}
         return o
 
     def stage_capture(self) -> StageOutput:
@@ -442,15 +444,21 @@ class _Context:
         if not self.aligned:
             o.skipped = "Grafting measures the loss of refusal; a base model does not refuse."
             return o
-        harmless = self.residuals("harmless")
-        harmful = self.eval_sets()["harmbench"]
+        # Graft where there is a refusal to remove: harmful requests the model refuses when plain.
+        plain = self.refusal(self.eval_sets()["harmbench"])
+        refused = plain.subset(plain.refused).prompts
+        if len(refused) == 0:
+            o.skipped = "The model refused none of the sampled harmful requests, so there is nothing to graft."
+            return o
+        refused = refused[: self.cfg.n_graft]
         n_layers = self.model.n_layers
         step = max(1, n_layers // self.cfg.graft_layers)
         layers = list(range(step, n_layers + 1, step))
-        result = graft(self.model, harmful, harmless, layers=layers, max_new_tokens=self.cfg.max_new_tokens,
+        result = graft(self.model, refused, self.residuals("harmless"), layers=layers, max_new_tokens=16,
                        batch_size=self.cfg.batch_size, donor_label="harmless")
         o.tables["graft"] = result.to_frame()
-        o.metrics = {"best_layer": result.best_layer()}
+        o.metrics = {"best_layer": result.best_layer(), "n_prompts": len(refused),
+                     "max_complied": int(result.to_frame()["n_complied"].max())}
         fig = result.plot()
         o.add_figure("graft", fig if hasattr(fig, "savefig") else fig.figure)
         return o
