@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="lens_safety_out", help="output folder (default: ./lens_safety_out)")
     run.add_argument("--quick", action="store_true", help="small subsets: a few minutes on 2 cores")
     run.add_argument("--jailbreaks", nargs="+", default=None, metavar="METHOD", help="jailbreak methods to use")
-    run.add_argument("--n", type=int, default=None, help="prompts per set (default: all; --quick: 32)")
+    run.add_argument("--n", type=int, default=None, help="prompts per set (default: 200; --quick: 24)")
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(func=_cmd_run)

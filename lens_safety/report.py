@@ -208,8 +208,13 @@ def _config(quick: bool, n: int | None, jailbreaks, batch_size: int, seed: int) 
         n = 24 if n is None else n
         return _Config(n, min(n, 16), chosen, 24, batch_size, seed, n_pairs=4, graft_layers=4, n_graft=6,
                        quick=True)
-    return _Config(n, 32 if n is None else min(n, 32), chosen, 32, batch_size, seed, n_pairs=8,
-                   graft_layers=8, n_graft=12, quick=False)
+    # Full run: balanced classes of up to 200 prompts for capture and probes (HarmBench has 200);
+    # 24 prompts per set for generation, the costly part on a CPU (refusal, ASR, pairs, grafting).
+    return _Config(n, 24 if n is None else min(n, 24), chosen, 24, batch_size, seed, n_pairs=8,
+                   graft_layers=6, n_graft=12, quick=False)
+
+
+DEFAULT_N = 200  # per set, when --n is not given: balanced harmful / harmless classes
 
 
 def _sets(cfg: _Config):
@@ -221,8 +226,8 @@ def _sets(cfg: _Config):
             if cfg.n > len(ps):
                 raise InputError(f"--n {cfg.n} is larger than the {name!r} set ({len(ps)} prompts); "
                                  f"use --n {min(len(p) for p in sets.values())} or less.")
-        sets = {name: ps.sample(cfg.n, seed=cfg.seed) for name, ps in sets.items()}
-    return sets
+    n = cfg.n or DEFAULT_N
+    return {name: ps.sample(min(n, len(ps)), seed=cfg.seed) for name, ps in sets.items()}
 
 
 def run_pipeline(model: Any = None, out: str | os.PathLike = "lens_safety_out", *, quick: bool = False,
@@ -477,7 +482,7 @@ class _Context:
             o.skipped = ("No effective pairs: the model refused none of the sampled requests, or no jailbreak "
                          "worked on them. Use more prompts (--n) or other --jailbreaks.")
             return o
-        chosen = pairs[: self.cfg.n_pairs] if hasattr(pairs, "__getitem__") else pairs
+        chosen = _round_robin(pairs, self.cfg.n_pairs)
         frames = []
         for direction in ("denoise", "noise"):
             res = patch_layers(self.model, chosen, direction=direction, batch_size=self.cfg.batch_size * 2,
@@ -488,10 +493,24 @@ class _Context:
             o.tables[f"patching_{direction}"] = res.to_frame()
         breaks = pd.concat(frames, ignore_index=True)
         o.tables["break_layers"] = breaks
+        o.tables["patched_pairs"] = pd.DataFrame([{"method": p.method, "request": p.request} for p in chosen])
         o.metrics = {"n_pairs": len(chosen), "break_layers": {
             f"{r['component']}/{r['direction']}": (None if pd.isna(r["break_layer"]) else int(r["break_layer"]))
             for _, r in breaks.iterrows()}}
         return o
+
+
+def _round_robin(pairs, n: int) -> list:
+    """Up to ``n`` pairs taken in turn from each jailbreak method, so every method is represented."""
+    by_method: dict[str, list] = {}
+    for p in pairs:
+        by_method.setdefault(p.method, []).append(p)
+    chosen: list = []
+    while len(chosen) < n and any(by_method.values()):
+        for queue in by_method.values():
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop(0))
+    return chosen
 
 
 # -- outputs ------------------------------------------------------------------------------

@@ -131,3 +131,20 @@ def test_cli_reports_errors_cleanly(tmp_path, capsys):
     assert "Unknown model" in capsys.readouterr().err
     assert main(["models"]) == 0
     assert "qwen2.5-coder-0.5b-instruct (default)" in capsys.readouterr().out
+
+
+def test_base_model_runs_raw_and_skips_refusal_stages(tmp_path, monkeypatch):
+    monkeypatch.setenv("LENS_SAFETY_HOME", str(tmp_path / "home"))
+    base = ls.testing.tiny_model(seed=4)
+    base.aligned, base.chat_default = False, False  # a pre-trained base model: raw prompts
+    result = run_pipeline(base, out=tmp_path / "out", quick=True, n=8, jailbreaks=["prefix_injection"],
+                          progress=False)
+    skipped = result.metrics["skipped"]
+    assert set(skipped) == {"refusal", "pairs", "graft", "patching"}
+    assert result.metrics["stages"]["probes"]["layer0_accuracy"] is not None
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["headline"]["attack_success_rate"] is None
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "not a chat-aligned model" in page
+    # raw prompts: the captured residuals were keyed without the chat template
+    entry = next((tmp_path / "home" / "activations").iterdir())
+    assert json.loads((entry / "meta.json").read_text())["formatting"]["chat"] is False
