@@ -503,10 +503,6 @@ def logit_lens(model, residuals, top_k: int = 5, lexicon: Lexicon | None = None,
 
 # -- logit grafting ---------------------------------------------------------------------------------
 
-class _StopForward(Exception):
-    pass
-
-
 def _donor_states(model, donor, layers: list[int], donor_label: str | None, n_prompts: int) -> dict[int, Tensor]:
     """Per grafted layer, a donor of shape [d_model] or [n_prompts, d_model]."""
     from .activations import Residuals
@@ -547,29 +543,19 @@ def _donor_states(model, donor, layers: list[int], donor_label: str | None, n_pr
 @torch.no_grad()
 def _last_resid(model, ids: Tensor, mask: Tensor, layer: int | None, state: Tensor | None) -> Tensor:
     """Raw last-layer residual at the last position, with an optional graft at ``layer``."""
-    last_name = model.resid_hook_name(model.n_layers)
-    out: dict[str, Tensor] = {}
 
-    def replace(t: Tensor) -> Tensor:
+    def replace(t: Tensor, hook=None) -> Tensor:
         t = t.clone()
         t[:, -1] = state.to(device=t.device, dtype=t.dtype)
         return t
 
-    def capture(t: Tensor, hook):
-        if layer == model.n_layers:
-            t = replace(t)
-        out["x"] = t[:, -1].detach().float()
-        raise _StopForward
-
-    hooks = [(last_name, capture)]
+    hooks = []
     if layer is not None and layer != model.n_layers:
-        hooks.insert(0, (model.resid_hook_name(layer), lambda t, hook: replace(t)))
-    try:
-        with model.bridge.hooks(fwd_hooks=hooks):
-            model.bridge(ids, attention_mask=mask)
-    except _StopForward:
-        pass
-    return out["x"]
+        hooks.append((model.resid_hook_name(layer), replace))
+    resid = model.run_until(ids, mask, model.resid_hook_name(model.n_layers), hooks)
+    if layer == model.n_layers:
+        resid = replace(resid)
+    return resid[:, -1].detach().float()
 
 
 def prompt_pass_graft_hook(model, layer: int, state: Tensor):
