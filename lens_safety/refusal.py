@@ -579,7 +579,7 @@ class RefusalResult:
         for name, vals in groups.items():
             ax.hist(vals, bins=edges, alpha=0.5, label=f"{name} (n={len(vals)})")
         ax.axvline(0.0, color="k", lw=0.8, ls="--")
-        ax.set_xlabel("first-token refusal log-odds")
+        ax.set_xlabel("first-token refusal score (> 0: greedy reply starts a refusal)")
         ax.set_ylabel("prompts")
         ax.set_title(f"Refusal score, {self.model_name} (refusal rate {self.refusal_rate:.2f})")
         ax.legend(fontsize=8)

@@ -27,7 +27,7 @@ from .errors import InputError
 
 __all__ = ["RunResult", "run_pipeline", "DEFAULT_JAILBREAKS"]
 
-STAGE_SCHEMA = 1
+STAGE_SCHEMA = 2  # bump when a stage's outputs change, so old stage caches are rebuilt
 DEFAULT_JAILBREAKS = ("prefix_injection", "refusal_suppression", "few_shot", "nested_fiction", "past_tense")
 
 
@@ -325,7 +325,7 @@ class _Context:
         rows.append({"set": "jailbreak", "n": len(jb), "label": "jailbreak",
                      "source": "lens_safety jailbreak catalogue (see methods)", "licence": "see methods"})
         o.tables["prompt_sets"] = pd.DataFrame(rows)
-        o.tables["lengths"] = length_report(*self.sets.values(), jb)
+        o.tables["lengths"] = length_report(*self.sets.values(), jb).rename_axis("set").reset_index()
         methods = jailbreak_methods().to_frame()
         o.tables["jailbreak_methods"] = methods[methods["name"].isin(self.cfg.jailbreaks)]
         o.metrics = {"n": {r["set"]: r["n"] for r in rows}}
@@ -570,7 +570,7 @@ def _build_html(model, cfg: _Config, outputs: dict[str, StageOutput], metrics: d
     doc.heading("Provenance", anchor="provenance")
     prov = metrics["provenance"]
     doc.bullets([f"{k}: {v}" for k, v in prov.items()] + [
-        f"run: {'quick' if cfg.quick else 'full'}; prompts per set: {cfg.n or 'all'}; refusal/jailbreak "
+        f"run: {'quick' if cfg.quick else 'full'}; prompts per set: {cfg.n or DEFAULT_N}; refusal/jailbreak "
         f"evaluation per set: {cfg.n_eval}; jailbreaks: {', '.join(cfg.jailbreaks)}; seed {cfg.seed}",
         "Layer convention: 0 = embedding output, l = raw residual stream after block l-1 (no final norm)."])
     prompts = outputs["prompts"]
@@ -590,7 +590,8 @@ def _build_html(model, cfg: _Config, outputs: dict[str, StageOutput], metrics: d
         doc.table(ref.tables["attack_success"], "Attack success rate per jailbreak family: of the requests "
                   "refused when plain, the fraction the model complies with when wrapped.")
         for png in ref.figures.values():
-            doc.image(png, "First-token refusal score (log-odds of refusal vs compliance starts).")
+            doc.image(png, "First-token refusal score: the largest refusal-start logit minus the largest other "
+                      "logit at the last position (> 0 exactly when the greedy reply starts a refusal).")
         ex = ref.tables["refusal_examples"]
         cols = [c for c in ("text", "completion", "refused", "score") if c in ex.columns]
         doc.table(ex[cols], "Examples (prompt text escaped, completions truncated to the generation budget).")
