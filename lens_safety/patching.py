@@ -97,6 +97,13 @@ _NO_PAIRS = (
 )
 
 
+def _add_row(rows: dict[str, list], pair: int, spec, position: int, direction: str, score: float) -> None:
+    """One long-form result row (pair, layer, component, head, position, direction, score)."""
+    for key, value in (("pair", pair), ("layer", spec.layer), ("component", spec.component), ("head", spec.head),
+                       ("position", position), ("direction", direction), ("score", score)):
+        rows[key].append(value)
+
+
 class _StopForward(Exception):
     """Raised after the last block to skip the full-sequence unembedding."""
 
@@ -527,13 +534,7 @@ def patch_layers(
             flat = torch.cat(scores)
             baselines[i, d_i] = (float(flat[0]), src_score)
             for s, v in zip(specs, flat[1:].tolist()):
-                rows_out["pair"].append(i)
-                rows_out["layer"].append(s.layer)
-                rows_out["component"].append(s.component)
-                rows_out["head"].append(s.head)
-                rows_out["position"].append(offsets[s.group] if per_position else 0)
-                rows_out["direction"].append(d)
-                rows_out["score"].append(v)
+                _add_row(rows_out, i, s, offsets[s.group] if per_position else 0, d, v)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -616,13 +617,7 @@ def attribution_patch(
                 if s.head >= 0:
                     diff, g = diff[:, s.head], g[:, s.head]
                 est = tgt_score + float((diff * g).sum())
-                rows_out["pair"].append(i)
-                rows_out["layer"].append(s.layer)
-                rows_out["component"].append(s.component)
-                rows_out["head"].append(s.head)
-                rows_out["position"].append(offsets[s.group] if per_position else 0)
-                rows_out["direction"].append(d)
-                rows_out["score"].append(est)
+                _add_row(rows_out, i, s, offsets[s.group] if per_position else 0, d, est)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
