@@ -97,6 +97,18 @@ _NO_PAIRS = (
 )
 
 
+def _sweep_setup(model, pairs, comps, dirs, layer_list, positions, n_positions, system, chat, refusal_tokens):
+    """What both sweeps need: aligned pairs, the metric, hook names, empty long-form rows, baselines."""
+    prepared = prepare_pairs(model, pairs, positions=positions, n_positions=n_positions, system=system, chat=chat)
+    rt = refusal_tokens or RefusalTokens.from_tokenizer(model.tokenizer)
+    names = sorted({_hook(c, layer) for c in comps for layer in layer_list})
+    rows_out: dict[str, list] = {
+        k: [] for k in ("pair", "layer", "component", "head", "position", "direction", "score")
+    }
+    baselines = np.full((len(prepared), len(dirs), 2), np.nan)
+    return prepared, rt, int(model.bridge.cfg.n_heads), names, rows_out, baselines
+
+
 def _add_row(rows: dict[str, list], pair: int, spec, position: int, direction: str, score: float) -> None:
     """One long-form result row (pair, layer, component, head, position, direction, score)."""
     for key, value in (("pair", pair), ("layer", spec.layer), ("component", spec.component), ("head", spec.head),
@@ -503,16 +515,8 @@ def patch_layers(
     layer_list = _check_layers(model, layers)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}.")
-    prepared = prepare_pairs(
-        model, pairs, positions=positions, n_positions=n_positions, system=system, chat=chat
-    )
-    rt = refusal_tokens or RefusalTokens.from_tokenizer(model.tokenizer)
-    n_heads = int(model.bridge.cfg.n_heads)
-    names = sorted({_hook(c, layer) for c in comps for layer in layer_list})
-    rows_out: dict[str, list] = {
-        k: [] for k in ("pair", "layer", "component", "head", "position", "direction", "score")
-    }
-    baselines = np.full((len(prepared), len(dirs), 2), np.nan)
+    prepared, rt, n_heads, names, rows_out, baselines = _sweep_setup(
+        model, pairs, comps, dirs, layer_list, positions, n_positions, system, chat, refusal_tokens)
     bar = _progress(len(prepared) * len(dirs), f"patch {model.name}", progress)
     for i, pp in enumerate(prepared):
         for d_i, d in enumerate(dirs):
@@ -589,16 +593,8 @@ def attribution_patch(
     comps = _check_components(components, heads)
     dirs = _check_directions(direction)
     layer_list = _check_layers(model, layers)
-    prepared = prepare_pairs(
-        model, pairs, positions=positions, n_positions=n_positions, system=system, chat=chat
-    )
-    rt = refusal_tokens or RefusalTokens.from_tokenizer(model.tokenizer)
-    n_heads = int(model.bridge.cfg.n_heads)
-    names = sorted({_hook(c, layer) for c in comps for layer in layer_list})
-    rows_out: dict[str, list] = {
-        k: [] for k in ("pair", "layer", "component", "head", "position", "direction", "score")
-    }
-    baselines = np.full((len(prepared), len(dirs), 2), np.nan)
+    prepared, rt, n_heads, names, rows_out, baselines = _sweep_setup(
+        model, pairs, comps, dirs, layer_list, positions, n_positions, system, chat, refusal_tokens)
     bar = _progress(len(prepared) * len(dirs), f"attribution {model.name}", progress)
     for i, pp in enumerate(prepared):
         for d_i, d in enumerate(dirs):
