@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -39,4 +38,3 @@ def test_notebook_executes(path, monkeypatch, tmp_path):
         # the circuitsvis view is embedded offline: the bundle is inline, nothing comes from a URL
         assert any("CircuitsVis" in o["data"]["text/html"] for o in html)
         assert not any("unpkg.com" in o["data"]["text/html"] for o in html)
-    assert os.environ["LENS_SAFETY_N"] == "10"
