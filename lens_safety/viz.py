@@ -28,7 +28,7 @@ import numpy as np
 from .errors import InputError
 from .htmlreport import HtmlDocument, OfflineView, circuitsvis_bundle
 
-__all__ = ["CATEGORY_COLORS", "new_figure", "line_with_band", "lens_heatmap", "category_mass_figure",
+__all__ = ["CATEGORY_COLORS", "new_figure", "figure_axes", "line_with_band", "lens_heatmap", "category_mass_figure",
            "graft_figure", "label_colors", "lens_topk_view", "lens_trajectory_view", "token_scores_view", "views_html",
            "save_views"]
 
@@ -62,12 +62,27 @@ def label_colors(labels: Sequence[str]) -> dict[str, str]:
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 4.0), **kwargs):
-    """A Figure (object-oriented API, no pyplot global state) and its axes."""
-    from matplotlib.figure import Figure
+    """A new figure and its 2-D array of axes, made through pyplot so that Jupyter shows it (even
+    after a trailing ``;``). Code that saves figures in a loop closes them (``plt.close(fig)``)."""
+    import matplotlib.pyplot as plt
 
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False,
+                             layout="constrained", **kwargs)
     return fig, axes
+
+
+def figure_axes(ax=None, size: tuple[float, float] = (6.0, 4.0)):
+    """The convention of every ``plot``/figure function: draw on ``ax`` when given (return its
+    figure), else on a new figure (:func:`new_figure`). Returns ``(fig, ax)``.
+
+    >>> fig, ax = figure_axes()
+    >>> fig is ax.figure
+    True
+    """
+    if ax is not None:
+        return ax.figure, ax
+    fig, axes = new_figure(size=size)
+    return fig, axes[0, 0]
 
 
 def line_with_band(ax, x, mean, low, high, *, label: str | None = None, color: str | None = None) -> None:
