@@ -1,7 +1,11 @@
-"""Issue 5 measurements on the real default model: lens emergence, middle-layer tokens, grafting.
+"""Issue 5 / 10 / 14 measurements on the real default model: lens emergence with the logit lens and
+the tuned lens, middle-layer tokens, grafting (final layer excluded, earliest majority-flip layer).
+
+The tuned lens is the cached default one (``benchmarks/train_tuned_lens.py`` trains it; if it is
+missing it is trained here first, about 10 minutes on 2 cores). Pass ``--no-tuned`` to skip it.
 
 Run:  cd /work/main && . .venv/bin/activate && HF_HUB_OFFLINE=1 \
-      python benchmarks/measure_lens.py OUTDIR [N]
+      python benchmarks/measure_lens.py OUTDIR [N] [--no-tuned]
 """
 import dataclasses
 import sys
@@ -14,8 +18,10 @@ import torch
 import lens_safety as ls
 from lens_safety import viz
 
-out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/lens_measure")
-n = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+argv = [a for a in sys.argv[1:] if not a.startswith("--")]
+use_tuned = "--no-tuned" not in sys.argv
+out = Path(argv[0] if argv else "/tmp/lens_measure")
+n = int(argv[1]) if len(argv) > 1 else 32
 methods = ["nested_fiction", "prefix_injection"]
 out.mkdir(parents=True, exist_ok=True)
 torch.set_num_threads(2)
@@ -54,6 +60,24 @@ for lab in dict.fromkeys(lens.labels):
 t1 = lens.top1_category()
 t1.to_csv(out / "top1_category.csv", index=False)
 lens.plot("mass").savefig(out / "category_mass.png", dpi=120)
+if use_tuned:
+    t = time.time()
+    tuned = ls.logit_lens(model, acts, top_k=5, lens="tuned")
+    print(f"\ntuned lens read-out in {time.time() - t:.0f}s")
+    print("tuned lens emergence layer:", tuned.emergence_layer(), "| logit lens:", lens.emergence_layer())
+    tcm = tuned.category_mass()
+    tcm.to_csv(out / "category_mass_tuned.csv", index=False)
+    tpiv = tcm.pivot_table(index="layer", columns=["label", "category"], values="mean")
+    with __import__("pandas").option_context("display.width", 250, "display.max_columns", 20):
+        print(tpiv[[c for c in tpiv.columns if c[1] != "neutral"]].round(4).to_string())
+    tuned.plot("mass").savefig(out / "category_mass_tuned.png", dpi=120)
+    tcons = tuned.consistency(n_top=3)
+    tcons.to_csv(out / "consistency_tuned.csv", index=False)
+    for lab in ("harmful",):
+        c = tcons[tcons.label == lab]
+        print(f"\n[tuned, {lab}] layer: consistency, top tokens (count/{n})")
+        for _, r in c.iterrows():
+            print(f"  {r.layer:2d}: {r.consistency:.2f} {r.top_tokens}")
 for lab in dict.fromkeys(lens.labels):
     lens.plot("heatmap", label=lab).savefig(out / f"heatmap_{lab.replace(':', '_')}.png", dpi=120)
 idx = [0, n, 2 * n, 3 * n]
@@ -77,7 +101,7 @@ f = g.to_frame()
 f.to_csv(out / "graft_scores.csv", index=False)
 print(f[["layer", "score_before", "score", "delta", "delta_ci_low", "delta_ci_high"]].round(3).to_string())
 best = g.best_layer()
-print("best graft layer (largest mean refusal drop):", best)
+print("best graft layer (largest mean refusal drop; the final layer is not grafted):", best)
 g.plot().savefig(out / "graft.png", dpi=120)
 t = time.time()
 gl = sorted({best, 12, 18})
@@ -86,6 +110,7 @@ print(f"graft + generation at {gl} in {time.time() - t:.0f}s", flush=True)
 fg = gg.to_frame()
 fg.to_csv(out / "graft_generation.csv", index=False)
 print(fg.round(3).to_string())
+print("summary:", gg.summary())
 for layer in [None] + gl:
     print(f"-- layer {layer}: first 4 completions")
     for c in gg.completions[layer][:4]:

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AssetError, OfflineError, UnknownNameError
+from .store import sha256_file  # re-exported: assets.sha256_file is public
 
-__all__ = ["Artifact", "ARTIFACTS", "cache_dir", "fetch", "is_cached", "read_member", "sha256_file"]
+__all__ = ["Artifact", "ARTIFACTS", "cache_dir", "fetch", "is_cached", "read_member", "sha256_file", "verify_file",
+           "file_stamp"]
 
 
 @dataclass(frozen=True)
@@ -121,34 +123,51 @@ def artifact_path(name: str) -> Path:
     return cache_dir() / "assets" / a.name / a.filename
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _verified_marker(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def is_cached(name: str) -> bool:
-    """True when the artifact is in the cache and was verified when it was stored.
+def file_stamp(path: str | os.PathLike) -> str:
+    """Size, mtime, ctime and inode of a file: any write, truncation, ``touch``, copy or
+    replacement changes at least one (ctime cannot be set back from user space)."""
+    st = os.stat(path)
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
 
-    The stored file's size and mtime are recorded next to it at verification time; a file
-    changed since (truncated, edited) no longer counts as cached and is fetched again.
+
+def verify_file(path: Path, digest: str, marker: Path) -> bool:
+    """True when ``path`` has sha256 ``digest``, re-hashing only when needed.
+
+    The marker holds the digest and :func:`file_stamp` from the last full verification. If the
+    stamp still matches, the file is unchanged since then and is trusted without re-hashing
+    (a load stays fast); if not (edited, even at the same size and with its mtime restored;
+    or copied to a new cache), the whole file is hashed again: a match refreshes the marker, a
+    mismatch returns False (the caller fetches or rebuilds it).
     """
-    path = artifact_path(name)
-    marker = _verified_marker(path)
-    if not (path.is_file() and marker.is_file()):
+    if not path.is_file():
         return False
     try:
-        digest, size, mtime = marker.read_text().split()
-        st = path.stat()
-        return digest == _artifact(name).sha256 and int(size) == st.st_size and int(mtime) == st.st_mtime_ns
-    except (ValueError, OSError):
+        stored = marker.read_text().split(maxsplit=1) if marker.is_file() else []
+        if len(stored) == 2 and stored[0] == digest and stored[1].strip() == file_stamp(path):
+            return True
+        if sha256_file(path) != digest:
+            return False
+        tmp = marker.with_name(marker.name + f".{os.getpid()}.tmp")
+        tmp.write_text(f"{digest} {file_stamp(path)}\n")
+        os.replace(tmp, marker)
+        return True
+    except OSError:
         return False
+
+
+def is_cached(name: str) -> bool:
+    """True when the artifact is in the cache and matches its pinned sha256.
+
+    Fast when the file is unchanged since it was last verified (see :func:`verify_file`); any
+    change since, even a same-size edit, triggers a full re-hash, and a mismatch means "not
+    cached": :func:`fetch` then downloads it again.
+    """
+    path = artifact_path(name)
+    return verify_file(path, _artifact(name).sha256, _verified_marker(path))
 
 
 def _pip_download(dist: str, version: str, dest: Path) -> Path:
@@ -220,9 +239,8 @@ def fetch(name: str, *, progress: bool = True) -> Path:
                 "discarded; nothing was cached. Retry, and report it if it persists."
             )
         os.replace(out, path)
-        st = path.stat()
         tmp_marker = tmpdir / "marker"
-        tmp_marker.write_text(f"{digest} {st.st_size} {st.st_mtime_ns}\n")
+        tmp_marker.write_text(f"{digest} {file_stamp(path)}\n")
         os.replace(tmp_marker, _verified_marker(path))
     return path
 

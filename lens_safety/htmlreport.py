@@ -30,7 +30,11 @@ h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #bbb}
 table{border-collapse:collapse;font-size:0.85em;margin:0.8em 0}td,th{border:1px solid #ccc;padding:3px 7px}
 th{background:#f2f2f2}figure{margin:1em 0}figcaption{font-size:0.9em;color:#555}
 .claim{background:#f6f8fa;border-left:4px solid #3a6ea5;padding:0.6em 1em;margin:1em 0}
-.number{font-weight:bold;color:#3a6ea5}.note{color:#8a5a00}.prompt{font-family:monospace;font-size:0.85em;
+.number{font-weight:bold;color:#3a6ea5}figure{overflow-x:auto}td{vertical-align:top;max-width:40em}
+.verdict{padding:0.5em 1em;margin:0.6em 0;border-left:4px solid #888;background:#f7f7f7}
+.verdict.reproduced{border-color:#2ca02c;background:#eef8ee}.verdict.partly{border-color:#e69f00;background:#fdf6e8}
+.verdict.not-reproduced{border-color:#d62728;background:#fbeeee}details{margin:0.4em 0 1em 0}summary{cursor:pointer}
+.note{color:#8a5a00}.prompt{font-family:monospace;font-size:0.85em;
 white-space:pre-wrap;background:#fafafa;border:1px solid #eee;padding:0.4em}
 """
 
@@ -132,6 +136,11 @@ class HtmlDocument:
         num = f'<br><span class="number">{html.escape(number)}</span>' if number else ""
         self._parts.append(f'<div class="claim">{html.escape(claim)}{num}</div>')
 
+    def verdict(self, status: str, text: str) -> None:
+        """A verdict box, coloured by ``status`` ("reproduced", "partly", "not reproduced", ...)."""
+        css = html.escape(status.replace(" ", "-"), quote=True)
+        self._parts.append(f'<div class="verdict {css}">{html.escape(text)}</div>')
+
     def bullets(self, items: list[str]) -> None:
         self._parts.append("<ul>" + "".join(f"<li>{html.escape(str(i))}</li>" for i in items) + "</ul>")
 
@@ -139,14 +148,37 @@ class HtmlDocument:
         self._parts.append(f'<div class="prompt">{html.escape(text)}</div>')
 
     # data
-    def table(self, frame, caption: str | None = None, max_rows: int = 60, float_format: str = "{:.3f}") -> None:
-        shown = frame.head(max_rows)
-        body = shown.to_html(index=False, escape=True, border=0,
-                             float_format=lambda x: float_format.format(x), na_rep="")
+    def table(self, frame, caption: str | None = None, max_rows: int = 60, float_format: str = "{:.3f}",
+              columns: list[str] | None = None, collapsed: bool = False) -> None:
+        """An escaped table. With ``columns``, only those are shown and the full table (every
+        column) follows collapsed in a ``<details>`` element; ``collapsed`` folds the whole table
+        under its caption."""
+        if collapsed:
+            summary = html.escape(caption or f"Table ({len(frame)} rows)")
+            self._parts.append(f"<details><summary>{summary}</summary>"
+                               f"<figure>{self._html_table(frame, max_rows, float_format)}</figure></details>")
+            return
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
         more = (f"<p class='note'>{len(frame) - max_rows} more rows in the CSV.</p>"
                 if len(frame) > max_rows else "")
-        self._parts.append(f"<figure>{body}{cap}</figure>{more}")
+        if columns is not None:
+            missing = [c for c in columns if c not in frame.columns]
+            if missing:
+                from .errors import UnknownNameError
+
+                raise UnknownNameError(f"columns {missing} are not in the table; it has {list(frame.columns)}.")
+            full = self._html_table(frame, max_rows, float_format)
+            shown = self._html_table(frame[columns], max_rows, float_format)
+            extra = (f"<details><summary>Full table ({len(frame.columns)} columns)</summary>{full}</details>"
+                     if len(columns) < len(frame.columns) else "")
+            self._parts.append(f"<figure>{shown}{cap}</figure>{more}{extra}")
+            return
+        self._parts.append(f"<figure>{self._html_table(frame, max_rows, float_format)}{cap}</figure>{more}")
+
+    @staticmethod
+    def _html_table(frame, max_rows: int, float_format: str) -> str:
+        return frame.head(max_rows).to_html(index=False, escape=True, border=0,
+                                            float_format=lambda x: float_format.format(x), na_rep="")
 
     def figure(self, fig, caption: str | None = None, dpi: int = 110) -> bytes:
         """Embed a matplotlib figure as a base64 PNG; returns the PNG bytes."""
@@ -184,9 +216,6 @@ class HtmlDocument:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the page atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.render(), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        from .store import write_text_atomic
+
+        return write_text_atomic(path, self.render())

@@ -23,7 +23,6 @@ compared with the ungrafted run.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,6 +36,8 @@ from torch import Tensor
 
 from .errors import InputError, ModelMismatchError
 from .prompts import PromptSet, as_prompt_set
+from .stats import mean_ci as _stats_mean_ci
+from .stats import wilson_interval
 
 __all__ = ["Lexicon", "LensResult", "logit_lens", "lens_logits", "GraftResult", "graft", "mean_ci",
            "DEFAULT_REFUSAL_WORDS", "DEFAULT_POSITIVE_WORDS"]
@@ -61,8 +62,14 @@ DEFAULT_POSITIVE_WORDS: tuple[str, ...] = (
     "当然", "好的", "很高兴", "可以",
 )
 #: Common words that are heads of a lexicon word but mean something else ("again" / "against").
-DEFAULT_EXCLUDE: tuple[str, ...] = ("again", "wonder", "excel", "defin", "definit", "pleas", "polic",
-                                    "guide", "harmon")
+#: Rule 3 of :class:`Lexicon` would otherwise match them as truncated stems, although the piece is a
+#: word (or name, or the head of another common word) of its own: "certain" is not "certainly",
+#: "Fanta"/"fantas" not "fantastic" (fantasy), "absolute" not "absolutely", "offen"/"offens" not
+#: "offensive" (offend, offense, German "offen"), "irres" not "irresponsible" (irresistible).
+#: The list comes from scanning every rule-3 match in the Qwen2.5 vocabulary.
+DEFAULT_EXCLUDE: tuple[str, ...] = ("again", "wonder", "wonde", "excel", "defin", "definit", "definite",
+                                    "pleas", "polic", "guide", "harmon", "certain", "fanta", "fantas",
+                                    "absolute", "offen", "offens", "irres")
 _MARKERS = "Ġ▁Ċ"  # leading-space / newline markers of byte-level BPE and sentencepiece
 
 
@@ -73,6 +80,16 @@ def normalize_piece(piece: str) -> str:
     ('sorry', 'apolog', 'sure')
     """
     return piece.strip().lstrip(_MARKERS).strip().casefold()
+
+
+def _token_key(piece: str, token_id: int, key: str) -> str | tuple[str, int]:
+    """What identifies a token for counting: its normalised piece (``key="text"``), or its id where
+    the piece carries no text of its own ("" after normalising, or U+FFFD); ``("id", id)``."""
+    if key == "text":
+        norm = normalize_piece(piece)
+        if norm and "\ufffd" not in norm:
+            return norm
+    return ("id", token_id)
 
 
 @dataclass(frozen=True)
@@ -214,23 +231,18 @@ def decoded_pieces(tokenizer, vocab_size: int | None = None) -> list[str]:
 
 # -- statistics -----------------------------------------------------------------------------------
 
-def mean_ci(x: np.ndarray | Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and a Student-t confidence interval (float64). One value: the interval is the value itself.
+#: Re-exported from :mod:`lens_safety.stats` (the one place for statistics).
+mean_ci = _stats_mean_ci
 
-    >>> [round(v, 3) for v in mean_ci([1.0, 2.0, 3.0])]
-    [2.0, -0.484, 4.484]
-    """
-    a = np.asarray(x, dtype=np.float64)
-    a = a[~np.isnan(a)]
-    if a.size == 0:
-        return math.nan, math.nan, math.nan
-    m = float(a.mean())
-    if a.size == 1:
-        return m, m, m
-    from scipy import stats
 
-    half = float(stats.t.ppf(0.5 + level / 2, a.size - 1) * a.std(ddof=1) / math.sqrt(a.size))
-    return m, m - half, m + half
+def _check_finite(t: Tensor, what: str) -> None:
+    """Raise :class:`InputError` when ``t`` holds NaN or inf (they would silently poison every mean)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = (~torch.isfinite(t)).nonzero()
+        first = tuple(int(i) for i in bad[0])
+        raise InputError(f"The {what} hold {bad.shape[0]} NaN/inf values (first at index {first}): the model's "
+                         "forward pass overflowed or the inputs are corrupted. Recompute them in float32 "
+                         "(load_model(dtype=torch.float32)) and check the inputs.")
 
 
 # -- logit lens -----------------------------------------------------------------------------------
@@ -252,6 +264,11 @@ class LensResult:
     ``mass`` is ``[prompt, layer, category]``: the softmax probability summed over each
     lexicon category's token ids (categories in ``categories`` order, neutral last, so a
     row sums to 1). Layer 0 is the embedding output, ``l`` the raw output of block ``l-1``.
+    ``lens`` is ``"logit"`` or ``"tuned"`` (read through a :class:`~lens_safety.tuned_lens.TunedLens`);
+    everything below works the same with either. ``refusal_score`` (``[prompt, layer]``) is the
+    first-token refusal score (:meth:`lens_safety.refusal.RefusalTokens.score`, ``> 0``: a
+    refusal start such as "I'm sorry" leads) of each layer's read-out: unlike the lexicon mass it
+    reads the *first* token of a refusal ("I"), which is what the model outputs at this position.
     """
 
     top_ids: Int[Tensor, "batch layer k"]
@@ -264,6 +281,8 @@ class LensResult:
     model_name: str
     weights_hash: str
     lexicon: Lexicon = field(default_factory=Lexicon.default)
+    lens: str = "logit"
+    refusal_score: Float[Tensor, "batch layer"] | None = None
 
     @property
     def labels(self) -> list[str]:
@@ -281,7 +300,7 @@ class LensResult:
         return int(self.top_ids.shape[0])
 
     def __repr__(self) -> str:
-        return (f"LensResult(n={len(self)}, layers=0..{self.n_layers}, top_k={self.top_k}, "
+        return (f"LensResult(n={len(self)}, layers=0..{self.n_layers}, top_k={self.top_k}, lens={self.lens!r}, "
                 f"categories={self.categories}, model={self.model_name!r})")
 
     def _groups(self, by: str | None) -> list[tuple[str, np.ndarray]]:
@@ -327,6 +346,36 @@ class LensResult:
                                  "ci_low": lo, "ci_high": hi, "n": int(r.size)})
         return pd.DataFrame(rows)
 
+    def refusal_score_frame(self, by: str | None = "label", level: float = 0.95):
+        """One row per set x layer: mean first-token refusal score of the read-out with a t CI."""
+        import pandas as pd
+
+        if self.refusal_score is None:
+            raise InputError("This LensResult has no refusal scores; compute it with logit_lens().")
+        sc = self.refusal_score.double().numpy()
+        rows = []
+        for lab, r in self._groups(by):
+            for layer in range(self.n_layers + 1):
+                mean, lo, hi = mean_ci(sc[r, layer], level)
+                rows.append({"label": lab, "layer": layer, "score": mean, "ci_low": lo, "ci_high": hi,
+                             "n": int(r.size)})
+        return pd.DataFrame(rows)
+
+    def score_separation_layer(self, label: str = "harmful", other: str = "harmless",
+                               level: float = 0.95) -> int | None:
+        """First layer where ``label``'s mean refusal score is above ``other``'s with non-overlapping
+        ``level`` t intervals (a conservative "refusal is readable here"); ``None``: never."""
+        f = self.refusal_score_frame(by="label", level=level)
+        for lab in (label, other):
+            if lab not in set(f["label"]):
+                raise InputError(f"No prompts with label {lab!r}; labels here: {sorted(set(self.labels))}.")
+        a = f[f.label == label].set_index("layer")
+        b = f[f.label == other].set_index("layer")
+        for layer in range(self.n_layers + 1):
+            if a.loc[layer, "ci_low"] > b.loc[layer, "ci_high"]:
+                return layer
+        return None
+
     def top1_category(self, by: str | None = "label"):
         """Per set x layer: the fraction of prompts whose top-1 lens token is in each category,
         and the most common one (``top1_category``)."""
@@ -348,7 +397,9 @@ class LensResult:
 
         For layer ``l`` and a set of ``N`` prompts: each prompt contributes its top-k lens
         tokens at ``l``, a token counted at most once per prompt (``key="text"`` identifies
-        tokens by their normalised piece, so " Sorry" and "sorry" are one token;
+        tokens by their normalised piece, so " Sorry" and "sorry" are one token, except pieces
+        that normalise to "" (whitespace, newlines) or hold U+FFFD (an incomplete UTF-8 byte
+        sequence), which are identified by their id: distinct byte tokens all decode to "\ufffd";
         ``key="id"`` by token id). ``count(t)`` is the number of prompts whose top-k list
         holds ``t``, and::
 
@@ -373,8 +424,8 @@ class LensResult:
                     seen = set()
                     for rank in range(self.top_k):
                         piece = str(self.tokens[i, layer, rank])
-                        t = normalize_piece(piece) if key == "text" else int(self.top_ids[i, layer, rank])
-                        shown.setdefault(t, t if key == "text" and t else piece)
+                        t = _token_key(piece, int(self.top_ids[i, layer, rank]), key)
+                        shown.setdefault(t, t if isinstance(t, str) else piece)
                         ranks.setdefault(t, []).append(rank)
                         if t not in seen:
                             seen.add(t)
@@ -409,17 +460,16 @@ class LensResult:
         hits = ((ref > pos) & (ref > min_mass)).nonzero().flatten()
         return int(hits[0]) if hits.numel() else None
 
-    def plot(self, kind: str = "mass", **kwargs):
-        """``kind="mass"``: category-mass curves per set with CI bands; ``"heatmap"``: layers x rank
-        token table coloured by category (``prompt=i`` for one prompt, ``label=`` for a set's most
-        frequent tokens). Returns the matplotlib Figure."""
+    def plot(self, kind: str = "mass", ax=None, **kwargs):
+        """``kind="mass"``: category-mass curves per set with CI bands (one panel per category;
+        ``ax`` a list of axes); ``"heatmap"``: layers x rank token table coloured by category
+        (``prompt=i`` for one prompt, ``label=`` for a set's most frequent tokens). Returns the
+        matplotlib Figure (see :func:`lens_safety.viz.category_mass_figure`, :func:`~lens_safety.viz.lens_heatmap`)."""
         from . import viz
 
-        if kind == "mass":
-            return viz.category_mass_figure(self, **kwargs)
-        if kind == "heatmap":
-            return viz.lens_heatmap(self, **kwargs)
-        raise InputError(f"kind must be 'mass' or 'heatmap', got {kind!r}.")
+        if kind not in ("mass", "heatmap"):
+            raise InputError(f"kind must be 'mass' or 'heatmap', got {kind!r}.")
+        return (viz.category_mass_figure if kind == "mass" else viz.lens_heatmap)(self, ax=ax, **kwargs)
 
     def views(self, prompts: Sequence[int] = (0,)):
         """circuitsvis views of the chosen prompts: top-k tokens per layer (see :mod:`lens_safety.viz`)."""
@@ -439,8 +489,16 @@ def _as_residuals(model, residuals, system, chat, batch_size):
     raise InputError(f"Expected Residuals (from collect_residuals) or prompts, got {type(residuals).__name__}.")
 
 
-def _check_residuals(model, res) -> None:
+def _check_residuals_any(model, res) -> None:
+    """Model, layer count and finiteness of residuals (any positions)."""
     model.check_compatible(res.weights_hash, res.d_model, what=f"residuals ({res.model_name})")
+    if res.n_layers != model.n_layers:
+        raise ModelMismatchError(f"The residuals have {res.n_layers} layers, {model.name} has {model.n_layers}.")
+    _check_finite(res.values, f"residuals ({res.model_name}, {len(res)} prompts)")
+
+
+def _check_residuals(model, res) -> None:
+    _check_residuals_any(model, res)
     if res.values.dim() != 3:
         raise InputError(f"The lens needs one vector per prompt and layer ([n, n_layers+1, d_model]); got "
                          f"shape {tuple(res.values.shape)} (positions={res.positions!r}). Collect with "
@@ -451,7 +509,7 @@ def _check_residuals(model, res) -> None:
 
 def logit_lens(model, residuals, top_k: int = 5, lexicon: Lexicon | None = None, *,
                batch_size: int | None = None, max_memory_mb: int = 512, system: str | None = None,
-               chat: bool | None = None) -> LensResult:
+               chat: bool | None = None, lens=None) -> LensResult:
     """Decode every residual layer with the model's final norm (once) and unembedding.
 
     ``residuals``: a :class:`~lens_safety.activations.Residuals` (``positions="last"``) from
@@ -459,7 +517,16 @@ def logit_lens(model, residuals, top_k: int = 5, lexicon: Lexicon | None = None,
     prompt and layer and the probability mass of each ``lexicon`` category (default
     :meth:`Lexicon.default`). Work is done in chunks of ``batch_size`` prompts (default:
     as many as fit ``max_memory_mb`` of float32 logits), so memory stays bounded.
+
+    ``lens``: ``None`` (the logit lens), ``"tuned"`` (the cached tuned lens of this model,
+    trained once with the default budget if missing) or a
+    :class:`~lens_safety.tuned_lens.TunedLens`: each layer is first mapped by its trained
+    translator (the last layer is left as it is, so both lenses agree there). NaN/inf
+    residuals raise :class:`~lens_safety.errors.InputError`.
     """
+    from .tuned_lens import lens_name, resolve_lens
+
+    tuned = resolve_lens(model, lens)
     lexicon = lexicon or Lexicon.default()
     res = _as_residuals(model, residuals, system, chat, batch_size or 16)
     _check_residuals(model, res)
@@ -480,11 +547,19 @@ def logit_lens(model, residuals, top_k: int = 5, lexicon: Lexicon | None = None,
     cat[:m] = torch.from_numpy(cat_np[:m])
     onehot = torch.nn.functional.one_hot(cat, len(names)).to(device=model.device, dtype=torch.float32)
 
+    from .refusal import RefusalTokens
+
+    rt = RefusalTokens.from_tokenizer(model.tokenizer)
+    score = torch.empty((n, L), dtype=torch.float32)
     top_ids = torch.empty((n, L, top_k), dtype=torch.long)
     top_probs = torch.empty((n, L, top_k), dtype=torch.float32)
     mass = torch.empty((n, L, len(names)), dtype=torch.float32)
     for s in range(0, n, batch_size):
-        logits = lens_logits(model, res.values[s:s + batch_size]).float()
+        x = res.values[s:s + batch_size]
+        if tuned is not None:
+            x = tuned.translate(x.to(model.device, torch.float32))
+        logits = lens_logits(model, x).float()
+        score[s:s + batch_size] = rt.score(logits).cpu()
         probs = torch.softmax(logits, dim=-1)
         del logits
         p, i = probs.topk(top_k, dim=-1)
@@ -498,7 +573,7 @@ def logit_lens(model, residuals, top_k: int = 5, lexicon: Lexicon | None = None,
     tokens.reshape(-1)[:] = [pieces[i] for i in flat_ids]
     cats.reshape(-1)[:] = [names[int(cat[i])] for i in flat_ids]
     return LensResult(top_ids, top_probs, tokens, cats, mass, names, res.prompts, res.model_name,
-                      res.weights_hash, lexicon)
+                      res.weights_hash, lexicon, lens_name(tuned), score)
 
 
 # -- logit grafting ---------------------------------------------------------------------------------
@@ -586,10 +661,17 @@ def prompt_pass_graft_hook(model, layer: int, state: Tensor):
 
 @dataclass
 class GraftResult:
-    """Refusal score (log-odds, last position) per prompt before and after grafting at each layer.
+    """Refusal score per prompt before and after grafting at each layer.
 
-    ``before`` is ``[n]``, ``after`` ``[n_grafted_layers, n]`` (rows in ``layers`` order).
-    With generation: ``completions`` / ``complied`` per layer (key ``None`` = ungrafted).
+    The score is :meth:`lens_safety.refusal.RefusalTokens.score` of the next-token logits at
+    the last position (a max-logit margin: the largest refusal-start logit minus the largest
+    other logit). ``before`` is ``[n]``, ``after`` ``[n_grafted_layers, n]`` (rows in ``layers``
+    order). With generation: ``completions`` / ``complied`` per layer (key ``None`` = ungrafted).
+
+    ``final_layer`` (``n_layers``) is special: grafting there replaces the final residual
+    itself, so the output is the donor state's own read-out, not something the model computed.
+    It is kept in the table (flagged ``final``) but never competes in :meth:`best_layer` or
+    :meth:`earliest_compliance_layer`.
     """
 
     layers: list[int]
@@ -600,63 +682,170 @@ class GraftResult:
     donor: str
     completions: dict[int | None, list[str]] = field(default_factory=dict)
     complied: dict[int | None, list[bool]] = field(default_factory=dict)
+    final_layer: int | None = None
+    judge: str = ""
 
     @property
     def delta(self) -> Tensor:
         return self.after - self.before[None]
 
+    @property
+    def candidate_layers(self) -> list[int]:
+        """The grafted layers that may be called "best": all but the final residual layer."""
+        return [x for x in self.layers if x != self.final_layer]
+
+    def _refused_before(self) -> np.ndarray | None:
+        if None not in self.complied:
+            return None
+        return ~np.asarray(self.complied[None], dtype=bool)
+
     def to_frame(self, level: float = 0.95):
-        """One row per grafted layer: mean score, mean change with its CI, and compliance counts."""
+        """One row per grafted layer: mean score, mean change with its CI, compliance counts.
+
+        With generation: ``n_complied`` / ``frac_complied`` over all prompts, and over the
+        ``n_refused_before`` prompts refused without a graft, ``n_flipped`` (now comply),
+        ``frac_flipped`` and its Wilson interval ``flipped_ci_low`` / ``flipped_ci_high``.
+        ``final`` marks the final residual layer (excluded from the "best" layer)."""
         import pandas as pd
 
         rows = []
         before = mean_ci(self.before.numpy(), level)[0]
+        refused = self._refused_before()
         for j, layer in enumerate(self.layers):
             score, s_lo, s_hi = mean_ci(self.after[j].numpy(), level)
             delta, lo, hi = mean_ci(self.delta[j].numpy(), level)
-            row = {"layer": layer, "score_before": before, "score": score, "score_ci_low": s_lo,
-                   "score_ci_high": s_hi, "delta": delta, "delta_ci_low": lo, "delta_ci_high": hi,
-                   "n": len(self.prompts)}
+            row = {"layer": layer, "final": layer == self.final_layer, "score_before": before, "score": score,
+                   "score_ci_low": s_lo, "score_ci_high": s_hi, "delta": delta, "delta_ci_low": lo,
+                   "delta_ci_high": hi, "n": len(self.prompts)}
             if layer in self.complied:
-                c = self.complied[layer]
-                row.update(n_complied=int(sum(c)), frac_complied=float(np.mean(c)))
-                if None in self.complied:
-                    row["n_complied_before"] = int(sum(self.complied[None]))
+                c = np.asarray(self.complied[layer], dtype=bool)
+                row.update(n_complied=int(c.sum()), frac_complied=float(c.mean()))
+                if refused is not None:
+                    k, n = int((c & refused).sum()), int(refused.sum())
+                    lo_w, hi_w = wilson_interval(k, n, level)
+                    row.update(n_complied_before=int((~refused).sum()), n_refused_before=n, n_flipped=k,
+                               frac_flipped=k / n if n else float("nan"), flipped_ci_low=float(lo_w),
+                               flipped_ci_high=float(hi_w))
             rows.append(row)
         return pd.DataFrame(rows)
 
-    def best_layer(self) -> int:
-        """The grafted layer with the largest mean drop in refusal score."""
-        return self.layers[int(self.delta.double().mean(1).argmin())]
+    def best_layer(self) -> int | None:
+        """The grafted layer with the largest mean drop in refusal score, the final residual layer
+        excluded (see the class docstring); ``None`` if only that layer was grafted."""
+        cand = self.candidate_layers
+        if not cand:
+            return None
+        rows = [self.layers.index(x) for x in cand]
+        return cand[int(self.delta[rows].double().mean(1).argmin())]
 
-    def plot(self):
-        """Mean refusal score per grafted layer with a CI band, and the ungrafted level."""
+    def earliest_compliance_layer(self, threshold: float = 0.5, level: float = 0.95) -> dict[str, Any]:
+        """The earliest grafted layer (final residual excluded) at which more than ``threshold`` of
+        the requests refused without a graft comply, with the Wilson interval of that fraction.
+
+        Returns ``{"layer", "n_flipped", "n_refused", "frac", "ci_low", "ci_high", "threshold"}``;
+        ``layer`` is ``None`` when no layer crosses (then the other numbers describe the layer with
+        the most flips). Needs ``graft(..., generate=True)``.
+        """
+        refused = self._refused_before()
+        if refused is None:
+            raise InputError("No generations in this GraftResult: run graft(..., generate=True) to count "
+                             "requests that comply after grafting.")
+        n = int(refused.sum())
+        best: dict[str, Any] | None = None
+        for layer in self.candidate_layers:
+            if layer not in self.complied:
+                continue
+            k = int((np.asarray(self.complied[layer], dtype=bool) & refused).sum())
+            lo, hi = wilson_interval(k, n, level)
+            row = {"layer": layer, "n_flipped": k, "n_refused": n, "frac": k / n if n else float("nan"),
+                   "ci_low": float(lo), "ci_high": float(hi), "threshold": threshold}
+            if n and k / n > threshold:
+                return row
+            if best is None or k > best["n_flipped"]:
+                best = row
+        if best is None:
+            return {"layer": None, "n_flipped": 0, "n_refused": n, "frac": float("nan"), "ci_low": float("nan"),
+                    "ci_high": float("nan"), "threshold": threshold}
+        return dict(best, layer=None, most_flips_layer=best["layer"])
+
+    def summary(self, threshold: float = 0.5, level: float = 0.95) -> dict[str, Any]:
+        """Headline numbers: the largest score drop (layer, mean change and CI) and, with generations,
+        the earliest layer where most refused requests comply (with its Wilson CI)."""
+        out: dict[str, Any] = {"best_layer": self.best_layer(), "final_layer_excluded": self.final_layer in self.layers,
+                               "n_prompts": len(self.prompts), "judge": self.judge}
+        if out["best_layer"] is not None:
+            m, lo, hi = mean_ci(self.delta[self.layers.index(out["best_layer"])].numpy(), level)
+            out.update(best_delta=m, best_delta_ci_low=lo, best_delta_ci_high=hi)
+        if self._refused_before() is not None:
+            out["earliest_compliance"] = self.earliest_compliance_layer(threshold, level)
+        return out
+
+    def plot(self, ax=None, level: float = 0.95):
+        """Mean refusal score per grafted layer with a CI band, and the ungrafted level
+        (:func:`lens_safety.viz.graft_figure`; ``ax`` a pair of axes)."""
         from . import viz
 
-        return viz.graft_figure(self)
+        return viz.graft_figure(self, ax=ax, level=level)
+
+
+def _resolve_judge(model, judge):
+    """A :class:`lens_safety.judges.Judge` from ``None`` (``default_judge(model)``), a judge name,
+    a judge, or a callable ``list[str] -> list[bool]`` (True = refused)."""
+    from .judges import as_judge
+
+    if judge is not None and not (callable(judge) or isinstance(judge, str)):
+        raise InputError(f"judge must be None, a judge name ('rules', 'substring', 'model'), a Judge or a callable "
+                         f"list[str] -> list[bool] (True = refused), got {type(judge).__name__}.")
+    return as_judge(judge, model)
+
+
+def _check_donor_formatting(model, donor, system, chat) -> None:
+    """Donor residuals must be last-position states of prompts formatted like the grafted ones."""
+    if donor.positions != "last":
+        raise InputError(f"Donor residuals were collected with positions={donor.positions!r}; grafting replaces "
+                         "the last-position state, so collect the donor with positions='last'.")
+    if donor.formatting:
+        want = model.formatting_key(system=system, chat=chat)
+        diff = {k: (donor.formatting.get(k), v) for k, v in want.items() if donor.formatting.get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}: donor {a!r} vs graft {b!r}" for k, (a, b) in diff.items())
+            raise InputError(f"The donor residuals were formatted differently from the grafted prompts ({detail}). "
+                             "Collect the donor with the same chat=/system= as you pass to graft.")
 
 
 def graft(model, prompts, donor, layers: int | Sequence[int] | None = None, *, max_new_tokens: int = 32,
           generate: bool = True, batch_size: int = 16, donor_label: str | None = None,
-          system: str | None = None, chat: bool | None = None, progress: bool = False) -> GraftResult:
+          system: str | None = None, chat: bool | None = None, progress: bool = False,
+          judge=None) -> GraftResult:
     """Logit Grafting: replace the last-position residual at layer ``l`` by a donor state.
 
     ``donor``: :class:`~lens_safety.activations.Residuals` (the mean of class ``donor_label``
-    at each layer, e.g. the harmless mean), a Tensor ``[n_layers+1, d_model]``, a Tensor
-    ``[d_model]`` (one layer only), or ``[n_prompts, n_layers+1, d_model]`` (one donor per
-    prompt). ``layers``: residual layers (0 = embedding output, l = after block l-1;
-    default all). Per layer, the rest of the model runs and the refusal score (log-odds
-    of refusal vs compliance starts at the last position, :class:`RefusalTokens`) is
-    compared with the ungrafted run. With ``generate``, greedy replies are produced with
-    the graft active on the prompt pass only, and judged.
+    at each layer, e.g. the harmless mean; collected with ``positions="last"`` and the same
+    ``chat``/``system`` formatting as here, else :class:`InputError`), a Tensor
+    ``[n_layers+1, d_model]``, a Tensor ``[d_model]`` (one layer only), or
+    ``[n_prompts, n_layers+1, d_model]`` (one donor per prompt). ``layers``: residual layers
+    (0 = embedding output, l = after block l-1); default ``0..n_layers-1``: the final residual
+    layer ``n_layers`` is left out, because grafting there makes the output the donor's own
+    (if you pass it, it is computed, flagged ``final`` and never called the best layer).
+
+    Per layer, the rest of the model runs and the refusal score (a max-logit margin of
+    refusal-start tokens over the rest at the last position, :class:`RefusalTokens`) is
+    compared with the ungrafted run. With ``generate``, greedy replies are produced with the
+    graft active on the prompt pass only, and judged by ``judge`` (default
+    :func:`lens_safety.judges.default_judge`; a judge name, a :class:`~lens_safety.judges.Judge`,
+    or a callable ``list[str] -> list[bool]``, True = refused), with the plain request passed
+    for its engagement test: a reply counts as compliance only when the judge's outcome is
+    ``"complied"`` (not refused, not unengaged). :meth:`GraftResult.summary` reports the
+    largest score drop and the earliest layer where most refused requests comply (Wilson CI).
     """
+    from .activations import Residuals
     from .refusal import RefusalTokens
 
     ps = as_prompt_set(prompts)
     if len(ps) == 0:
         raise InputError("graft needs at least one prompt.")
     if layers is None:
-        layers = list(range(model.n_layers + 1))
+        layers = list(range(model.n_layers))
     elif isinstance(layers, int):
         layers = [layers]
     layers = [int(x) for x in layers]
@@ -666,10 +855,15 @@ def graft(model, prompts, donor, layers: int | Sequence[int] | None = None, *, m
         raise InputError("layers is empty.")
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}.")
+    if isinstance(donor, Residuals):
+        _check_donor_formatting(model, donor, system, chat)
     states = _donor_states(model, donor, layers, donor_label, len(ps))
+    for layer, st in states.items():
+        _check_finite(st, f"donor state at layer {layer}")
     if generate and any(st.dim() == 2 for st in states.values()):
         raise InputError("Generation with per-prompt donors is not supported (generate batches prompts by "
                          "length); pass generate=False or a [n_layers+1, d_model] donor.")
+    judge_obj = _resolve_judge(model, judge) if generate else None
     donor_desc = (f"mean of {donor_label or donor.labels[0]!r} residuals" if not isinstance(donor, Tensor)
                   else f"tensor {tuple(donor.shape)}")
     rt = RefusalTokens.from_tokenizer(model.tokenizer)
@@ -685,18 +879,21 @@ def graft(model, prompts, donor, layers: int | Sequence[int] | None = None, *, m
             st = st[s:s + ids.shape[0]] if st.dim() == 2 else st
             x = _last_resid(model, ids, mask, layer, st)
             after[j, s:s + ids.shape[0]] = rt.score(lens_logits(model, x)).cpu()
-    result = GraftResult(layers, before, after, ps, model.name, donor_desc)
+    _check_finite(before, "refusal scores of the ungrafted run")
+    _check_finite(after, "refusal scores after grafting")
+    result = GraftResult(layers, before, after, ps, model.name, donor_desc, final_layer=model.n_layers,
+                         judge=judge_obj.identity if judge_obj is not None else "")
     if generate:
         from . import refusal
 
         def run(hooks):
             out = refusal.generate(model, ps, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system,
                                    chat=chat, fwd_hooks=hooks, progress=progress)
-            return out, [not r for r in refusal.judge(out)]
+            outcomes = judge_obj.outcomes(out, [p.plain_request for p in ps])
+            return out, [o == "complied" for o in outcomes]  # refused or unengaged: not complied
 
         result.completions[None], result.complied[None] = run(())
         for layer in layers:
             hook = prompt_pass_graft_hook(model, layer, states[layer])
             result.completions[layer], result.complied[layer] = run([hook])
     return result
-

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -33,13 +34,16 @@ from .errors import (
     AssetError,
     ChatTemplateError,
     InputError,
+    LensSafetyError,
     LoadGuardError,
+    OfflineError,
     PromptTooLongError,
     UnknownNameError,
 )
 from .prompts import PromptSet, as_prompt_set
 
-__all__ = ["EmbeddedModel", "EMBEDDED_MODELS", "DEFAULT_MODEL", "SafetyModel", "load_model", "list_models"]
+__all__ = ["EmbeddedModel", "EMBEDDED_MODELS", "DEFAULT_MODEL", "SafetyModel", "load_model", "list_models",
+           "resolve_dtype", "weights_fingerprint", "position_ids_from_mask", "GUARD_TOLERANCE"]
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 _CONVERSION_VERSION = 1
@@ -139,13 +143,26 @@ class SafetyModel:
     def n_ctx(self) -> int:
         return int(self.bridge.cfg.n_ctx)
 
+    def _embedding_param(self) -> torch.nn.Parameter:
+        emb = getattr(self.bridge, "embed", None)
+        p = next(emb.parameters(), None) if isinstance(emb, torch.nn.Module) else None
+        return p if p is not None else next(self.bridge.parameters())
+
     @property
     def device(self) -> torch.device:
-        return next(self.bridge.parameters()).device
+        """Where inputs go: the device of the input embedding (with a ``device_map`` the
+        blocks may sit on other devices; accelerate moves activations between them)."""
+        return self._embedding_param().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.bridge.parameters()).dtype
+        """The dtype of the weights (``torch.float32``, ``torch.bfloat16`` or ``torch.float16``)."""
+        return self._embedding_param().dtype
+
+    @property
+    def revision(self) -> str | None:
+        """The hub revision the weights came from (the resolved commit when known), else None."""
+        return self.provenance.get("revision")
 
     @property
     def has_chat_template(self) -> bool:
@@ -191,6 +208,24 @@ class SafetyModel:
         template = getattr(self.tokenizer, "chat_template", None) or ""
         return {"chat": chat, "system": system,
                 "template_sha256": hashlib.sha256(template.encode()).hexdigest() if chat else None}
+
+    def tokenizer_key(self) -> dict[str, Any]:
+        """What decides the token ids besides the text, for cache keys: the tokenizer's class,
+        vocabulary (sha256 of its serialised form), special tokens and padding side."""
+        cached = getattr(self, "_tokenizer_key", None)
+        if cached is not None:
+            return cached
+        tok = self.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None:
+            vocab_sha = hashlib.sha256(backend.to_str().encode()).hexdigest()
+        else:  # a slow tokenizer: hash its vocabulary
+            vocab_sha = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
+        key = {"class": type(tok).__name__, "vocab_sha256": vocab_sha, "n_tokens": len(tok),
+               "bos": tok.bos_token, "eos": tok.eos_token, "pad": tok.pad_token,
+               "add_bos_token": getattr(tok, "add_bos_token", None), "padding_side": tok.padding_side}
+        self._tokenizer_key = key
+        return key
 
     def tokenize(self, formatted: Sequence[str], *, chat: bool | None = None,
                  truncate: bool = False) -> dict[str, torch.Tensor]:
@@ -256,7 +291,8 @@ class SafetyModel:
             attention_mask = torch.ones_like(input_ids)
         try:
             with self.bridge.hooks(fwd_hooks=list(fwd_hooks) + [(stop_hook, stop)]):
-                self.bridge(input_ids, attention_mask=attention_mask)
+                self.bridge(input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids_from_mask(attention_mask))
         except _StopForward:
             pass
         if "t" not in seen:
@@ -283,6 +319,26 @@ class SafetyModel:
             raise InputError(f"layer must be in 0..{self.n_layers}, got {layer}.")
         return "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
 
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the model as a Hugging Face folder (safetensors weights, config, tokenizer), atomically.
+
+        ``load_model(directory)`` loads it back (e.g. an :func:`~lens_safety.directions.orthogonalize`
+        edit). ``lens_safety.json`` beside the weights records the name, weights hash and provenance.
+        Needs a model bridged from HF weights (not ``boot_native``).
+
+        >>> edited.save_pretrained("qwen-orthogonalized")  # doctest: +SKIP
+        """
+        from .directions import hf_model_copy
+        from .store import atomic_dir, write_json_atomic
+
+        hf = hf_model_copy(self)
+        with atomic_dir(directory) as tmp:
+            hf.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            write_json_atomic(tmp / "lens_safety.json", {"name": self.name, "weights_hash": self.weights_hash,
+                                                         "provenance": self.provenance})
+        return Path(directory)
+
     def check_compatible(self, weights_hash: str, d_model: int | None = None, what: str = "data") -> None:
         """Raise :class:`ModelMismatchError` if ``what`` was made with another model."""
         from .errors import ModelMismatchError
@@ -300,25 +356,50 @@ class _StopForward(Exception):
     """Raised inside the last needed hook to skip the rest of the forward pass."""
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on each row's first real token (left padding), 0 on pads.
+
+    Rotary models are invariant to a shared offset, but absolute-position models (GPT-2
+    style) are not: without these ids a left-padded row would read the wrong position
+    embeddings.
+
+    >>> position_ids_from_mask(torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])).tolist()
+    [[0, 0, 0, 1], [0, 1, 2, 3]]
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 # -- fingerprints -----------------------------------------------------------------------------
 
-def weights_fingerprint(module: torch.nn.Module) -> str:
+def weights_fingerprint(module: torch.nn.Module, chunk: int = 1 << 22) -> str:
     """A sha256 over parameter names, shapes, dtypes and values.
 
-    Small tensors are hashed whole; large ones by a fixed strided sample of 65,536
-    values plus their float64 sum, which changes with any realistic weight change and
-    keeps the fingerprint of a 0.5B model under a second.
+    Small tensors are hashed whole; large ones by a fixed strided sample of 65,536 values
+    plus their sum, accumulated in float64 one chunk of ``chunk`` values at a time (never a
+    float64 copy of a whole tensor: a 70B embedding would need ~8 GB). The sum changes with
+    any realistic weight change; a 0.5B model takes about a second.
+
+    >>> import torch
+    >>> a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    >>> _ = b.load_state_dict(a.state_dict())
+    >>> weights_fingerprint(a) == weights_fingerprint(b)
+    True
     """
     h = hashlib.sha256()
     for name, p in sorted(module.state_dict().items()):
-        t = p.detach().reshape(-1)
         h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
+        if p.device.type == "meta":  # offloaded and not materialised: shape and dtype only
+            continue
+        t = p.detach().reshape(-1)
         if t.numel() <= 65_536:
             h.update(t.float().cpu().numpy().tobytes())
-        else:
-            step = t.numel() // 65_536
-            h.update(t[::step][:65_536].float().cpu().numpy().tobytes())
-            h.update(repr(float(t.double().sum())).encode())
+            continue
+        step = t.numel() // 65_536
+        h.update(t[::step][:65_536].float().cpu().numpy().tobytes())
+        total = 0.0
+        for start in range(0, t.numel(), chunk):
+            total += float(t[start:start + chunk].double().sum())
+        h.update(repr(total).encode())
     return h.hexdigest()
 
 
@@ -332,7 +413,48 @@ def _convert_gguf(gguf_path: Path, gguf_sha256: str) -> Path:
     """De-quantise a GGUF file to an HF folder of safetensors in the cache, atomically."""
     target = _converted_dir(gguf_sha256)
     if (target / "meta.json").is_file():
-        return target
+        if converted_ok(target):
+            return target
+        shutil.rmtree(target, ignore_errors=True)  # edited, truncated or incomplete: convert again
+    return _do_convert(gguf_path, gguf_sha256, target)
+
+
+def _seal(folder: Path, meta: dict[str, Any]) -> None:
+    """Record the sha256 of every file of a converted folder in its meta.json."""
+    from .store import write_json_atomic
+
+    files = {f.name: assets.sha256_file(f) for f in sorted(folder.iterdir())
+             if f.is_file() and f.name != "meta.json"}
+    write_json_atomic(folder / "meta.json", dict(meta, files=files))
+
+
+def converted_ok(folder: Path) -> bool:
+    """True when every file of a converted model folder matches the sha256 recorded at conversion.
+
+    Cheap when nothing changed since the last check (size, mtime, ctime and inode are compared
+    with a marker in ``.verified/``); any change, even a same-size edit, re-hashes that file.
+    A folder converted before hashes were recorded is hashed once and sealed as it is.
+    """
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict):
+        return False
+    if "files" not in meta:  # converted by an older version: seal what is there (trust on first use)
+        try:
+            _seal(folder, meta)
+            meta = json.loads((folder / "meta.json").read_text())
+        except OSError:
+            return False
+    marks = folder / ".verified"
+    marks.mkdir(exist_ok=True)
+    files = meta.get("files") or {}
+    return bool(files) and all(assets.verify_file(folder / name, digest, marks / f"{name}.sha256")
+                               for name, digest in files.items())
+
+
+def _do_convert(gguf_path: Path, gguf_sha256: str, target: Path) -> Path:
     try:
         import gguf  # noqa: F401
     except ImportError as e:
@@ -352,24 +474,70 @@ def _convert_gguf(gguf_path: Path, gguf_sha256: str) -> Path:
         out = Path(tmp) / "hf"
         hf.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
-        (out / "meta.json").write_text(json.dumps(
-            {"gguf_sha256": gguf_sha256, "conversion_version": _CONVERSION_VERSION}, indent=1))
+        _seal(out, {"gguf_sha256": gguf_sha256, "conversion_version": _CONVERSION_VERSION})
         if target.exists():
             shutil.rmtree(target)
         os.replace(out, target)
     return target
 
 
-def _resolve_source(name: str | None) -> tuple[str, Path | str, str | None, EmbeddedModel | None]:
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+#: Load guard tolerance (bridge vs HF logits), relative to the largest |logit|, per dtype.
+GUARD_TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or ``fp32``, ``bf16``, ``fp16``, or the
+    torch dtype itself) as a torch dtype; anything else raises :class:`InputError`.
+
+    >>> resolve_dtype("bf16")
+    torch.bfloat16
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype in GUARD_TOLERANCE:
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.lower().removeprefix("torch.")]
+    raise InputError(f"Unknown dtype {dtype!r}: use 'float32', 'bfloat16' or 'float16' "
+                     "(or the torch dtype).")
+
+
+def _hub_cached(repo: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo, "config.json", revision=revision)
+    except Exception:  # an invalid id or revision for the cache layout
+        return False
+    return isinstance(found, str)
+
+
+def _hub_offline() -> bool:
+    import huggingface_hub
+
+    return bool(huggingface_hub.is_offline_mode()) or os.environ.get("TRANSFORMERS_OFFLINE", "") in ("1", "true")
+
+
+def _resolve_source(name: str | None, revision: str | None = None
+                    ) -> tuple[str, Path | str, str | None, EmbeddedModel | None]:
     """(label, HF folder or id, gguf sha, embedded entry)."""
     if name is None:
         name = DEFAULT_MODEL
+    path = Path(os.path.expanduser(name))
+    local = name in EMBEDDED_MODELS or name.endswith(".gguf") or path.is_dir()
+    if revision is not None and local:
+        raise InputError(f"revision={revision!r} applies to Hugging Face hub ids only; {name!r} is "
+                         "an embedded model or a local file/folder, whose content is already fixed.")
     if name in EMBEDDED_MODELS:
         spec = EMBEDDED_MODELS[name]
         gguf_path = assets.fetch(spec.artifact)
         sha = assets.ARTIFACTS[spec.artifact].sha256
         return name, _convert_gguf(gguf_path, sha), sha, spec
-    path = Path(os.path.expanduser(name))
     if name.endswith(".gguf"):
         if not path.is_file():
             raise InputError(f"GGUF file {name!r} does not exist.")
@@ -377,54 +545,153 @@ def _resolve_source(name: str | None) -> tuple[str, Path | str, str | None, Embe
         return path.name, _convert_gguf(path, sha), sha, None
     if path.is_dir():
         return path.name, path, None, None
-    if "/" in name and not path.exists():
-        return name, name, None, None  # a hub id, for users with hub access
+    if _HUB_ID.match(name) and not path.exists():
+        if not _hub_cached(name, revision) and _hub_offline():
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            rev = f" at revision {revision!r}" if revision else ""
+            raise OfflineError(
+                f"Model {name!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)}), a local "
+                f"folder or a .gguf file, so it was taken as a Hugging Face hub id; it is not in the "
+                f"local Hugging Face cache ({HF_HUB_CACHE}){rev} and the hub is offline "
+                "(HF_HUB_OFFLINE=1). Download it where the hub is reachable (`hf download "
+                f"{name}`) and copy the cache here, unset HF_HUB_OFFLINE, or pass a local folder.")
+        return name, name, None, None  # a hub id (bare like 'gpt2' or 'org/name')
     raise UnknownNameError(
         f"Unknown model {name!r}. Embedded models: {', '.join(EMBEDDED_MODELS)}; or pass a "
-        "Hugging Face id ('org/name'), a local HF folder, or a .gguf file path.")
+        "Hugging Face id ('gpt2', 'org/name'), a local HF folder, or a .gguf file path.")
 
 
-def load_model(name: str | None = None, *, dtype: torch.dtype = torch.float32,
+def _hub_error(name: str, revision: str | None, e: BaseException) -> LensSafetyError | None:
+    """A clear error for a failed hub load, or None when it is not a hub problem."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    chain, cur = [], e
+    while cur is not None and len(chain) < 8:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    text = " ".join(str(c) for c in chain)
+    if any(isinstance(c, RevisionNotFoundError) for c in chain) or "valid git identifier" in text:
+        return InputError(f"Revision {revision!r} does not exist for {name!r}: pass a branch, tag or commit "
+                          "hash of that repository (see its 'Files and versions' page).")
+    if any(isinstance(c, GatedRepoError) for c in chain):
+        return UnknownNameError(f"{name!r} is gated on the hub: accept its licence and log in (`hf auth login`).")
+    if any(isinstance(c, RepositoryNotFoundError) for c in chain) or "not a valid model identifier" in text:
+        return UnknownNameError(
+            f"No model {name!r} on the Hugging Face hub (or it is private: log in). Embedded models: "
+            f"{', '.join(EMBEDDED_MODELS)}.")
+    if any(isinstance(c, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError)) for c in chain):
+        return OfflineError(f"Could not reach the Hugging Face hub to load {name!r} and it is not fully in the "
+                            "local cache; retry with network access, or pass a local folder.")
+    return None
+
+
+def load_model(name: str | None = None, *, dtype: str | torch.dtype = "float32",
                device: str | torch.device | None = None, device_map: str | dict | None = None,
-               n_devices: int | None = None, trust_remote_code: bool = False,
-               check: bool = True) -> SafetyModel:
+               max_memory: dict | None = None, revision: str | None = None,
+               trust_remote_code: bool = False, check: bool = True,
+               n_devices: int | None = None) -> SafetyModel:
     """Load a model as a :class:`SafetyModel`.
 
     ``name`` is an embedded model (``None`` = the default, Qwen2.5-Coder-0.5B-Instruct),
-    a Hugging Face id, a local HF folder or a ``.gguf`` path. ``dtype``, ``device``,
-    ``device_map`` and ``n_devices`` pass through to transformers / TransformerBridge
-    (``device_map="auto"`` spreads a large model over GPUs with accelerate).
+    a Hugging Face hub id (``"gpt2"``, ``"meta-llama/Llama-3.1-8B-Instruct"``), a local HF
+    folder or a ``.gguf`` path.
 
-    With ``check`` (default) two cheap guards run: the bridge's logits must equal HF's on
-    a probe prompt, and the tokenizer must fit the model's vocabulary.
+    - ``dtype``: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"`` (or a torch dtype).
+      Weights are cast while loading: no second full copy is made.
+    - ``device``: one device for the whole model (default: ``"cuda"`` when available).
+    - ``device_map`` / ``max_memory``: split the model over several devices (GPUs, CPU
+      offload) with Hugging Face accelerate, e.g. ``device_map="auto",
+      max_memory={0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``. ``max_memory`` alone implies
+      ``device_map="auto"``. Mutually exclusive with ``device``.
+    - ``revision``: a hub branch, tag or commit; the resolved commit is recorded in
+      ``model.provenance`` and in every :class:`~lens_safety.activations.Residuals`.
 
-    >>> model = load_model()  # doctest: +SKIP
+    With ``check`` (default) two cheap guards run: the bridge's logits must equal HF's on a
+    probe prompt (within :data:`GUARD_TOLERANCE` for the dtype, relative to the largest
+    logit), and the tokenizer must fit the model's vocabulary.
+
+    >>> model = load_model()                                    # doctest: +SKIP
+    >>> big = load_model("meta-llama/Llama-3.1-70B-Instruct", dtype="bfloat16",
+    ...                  device_map="auto")                     # doctest: +SKIP
     """
     from transformer_lens import TransformerBridge
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    label, source, gguf_sha, spec = _resolve_source(name)
+    if n_devices is not None:
+        raise InputError("n_devices is not supported (TransformerLens refuses it for a preloaded model); "
+                         "split a model over devices with device_map='auto' (and max_memory).")
+    torch_dtype = resolve_dtype(dtype)
+    if max_memory is not None and device_map is None:
+        device_map = "auto"
+    if device is not None and device_map is not None:
+        raise InputError(f"Pass either device={device!r} (one device) or device_map={device_map!r} "
+                         "(split over devices), not both.")
+    label, source, gguf_sha, spec = _resolve_source(name, revision)
     if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    hf_kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if device_map is not None:
-        hf_kwargs["device_map"] = device_map
-    hf = AutoModelForCausalLM.from_pretrained(source, **hf_kwargs)
+    hub = isinstance(source, str)
+    requested_memory = repr(max_memory)  # accelerate rewrites the dict in place
+    hub_kwargs: dict[str, Any] = {"revision": revision} if hub and revision else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_kwargs)
+        hf_kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **hub_kwargs}
+        if device_map is not None:
+            hf_kwargs["device_map"] = device_map
+            if max_memory is not None:
+                hf_kwargs["max_memory"] = max_memory
+        hf = AutoModelForCausalLM.from_pretrained(source, **hf_kwargs)
+    except (OSError, ValueError) as e:
+        if isinstance(e, LensSafetyError):
+            raise
+        msg = str(e)
+        if device_map is not None and ("offload" in msg or "disk" in msg):
+            raise InputError(
+                f"device_map={device_map!r} with max_memory={requested_memory} leaves no room for the weights "
+                f"of {label} in {torch_dtype} (accelerate wanted to offload part of it to disk): raise "
+                "max_memory, add devices, or use a smaller dtype.") from e
+        err = _hub_error(str(source), revision, e) if hub else None
+        if err is not None:
+            raise err from e
+        raise
     if device_map is None:
         hf = hf.to(device)
+    else:
+        placed = getattr(hf, "hf_device_map", None) or {}
+        offloaded = sorted(k or "the whole model" for k, v in placed.items() if str(v) in ("disk", "meta"))
+        if offloaded or any(p.device.type == "meta" for p in hf.parameters()):
+            raise InputError(
+                f"device_map={device_map!r} with max_memory={requested_memory} leaves no room for the weights "
+                f"of {label} in {torch_dtype}: accelerate put {len(offloaded) or 'some'} module(s) "
+                f"({', '.join(offloaded[:3]) or 'unknown'}{'...' if len(offloaded) > 3 else ''}) on disk. "
+                "Raise max_memory, add devices, or use a smaller dtype.")
     hf.eval()
     reference = _guard_logits(hf, tok) if check else None
-    bridge_kwargs: dict[str, Any] = {"hf_model": hf, "tokenizer": tok, "dtype": dtype}
+    bridge_kwargs: dict[str, Any] = {"hf_model": hf, "tokenizer": tok, "dtype": torch_dtype}
     if device_map is None:
         bridge_kwargs["device"] = device
-    if n_devices is not None:
-        bridge_kwargs["n_devices"] = n_devices
     bridge = TransformerBridge.boot_transformers(str(source), **bridge_kwargs)
     bridge.eval()
-    weights_hash = (hashlib.sha256(f"{gguf_sha}|{dtype}".encode()).hexdigest() if gguf_sha
+    weights_hash = (hashlib.sha256(f"{gguf_sha}|{torch_dtype}".encode()).hexdigest() if gguf_sha
                     else weights_fingerprint(bridge))
-    provenance = {"model": label, "source": str(name or DEFAULT_MODEL), "dtype": str(dtype)}
+    import transformers
+
+    commit = getattr(getattr(hf, "config", None), "_commit_hash", None) if hub else None
+    provenance: dict[str, Any] = {
+        "model": label, "source": str(name or DEFAULT_MODEL), "dtype": str(torch_dtype),
+        "revision": (commit or revision) if hub else None, "revision_requested": revision,
+        "device": str(device) if device_map is None else None,
+        "device_map": (_jsonable_map(getattr(hf, "hf_device_map", None) or device_map)
+                       if isinstance(device_map, dict) or getattr(hf, "hf_device_map", None) else device_map),
+        "transformers_version": transformers.__version__,
+        "conversion_version": _CONVERSION_VERSION if gguf_sha else None,
+    }
     if spec is not None:
         art = assets.ARTIFACTS[spec.artifact]
         provenance.update(gguf_sha256=art.sha256, licence=art.licence, origin=art.source)
@@ -437,17 +704,23 @@ def load_model(name: str | None = None, *, dtype: torch.dtype = torch.float32,
     return model
 
 
+def _jsonable_map(device_map: dict | None) -> dict[str, str] | None:
+    return None if device_map is None else {str(k): str(v) for k, v in device_map.items()}
+
+
 def _guard_logits(hf, tok) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = tok(_GUARD_PROMPT, return_tensors="pt")["input_ids"].to(next(hf.parameters()).device)
+    ids = tok(_GUARD_PROMPT, return_tensors="pt")["input_ids"].to(hf.get_input_embeddings().weight.device)
     with torch.no_grad():
         return ids, hf(ids).logits[0, -1].float().cpu()
 
 
 def check_model(model: SafetyModel, reference: tuple[torch.Tensor, torch.Tensor] | None = None,
-                atol: float = 1e-3) -> None:
+                atol: float | None = None) -> None:
     """Load-time guards: vocabularies agree and bridge logits equal HF logits.
 
-    Raises :class:`LoadGuardError` (never a warning) when a guard fails.
+    ``atol`` is relative to the largest |logit| (default: :data:`GUARD_TOLERANCE` for the
+    model's dtype: 1e-3 in float32, 1e-2 in float16, 5e-2 in bfloat16). Raises
+    :class:`LoadGuardError` (never a warning) when a guard fails, saying by how much.
     """
     tok = model.tokenizer
     if len(tok) > model.d_vocab:
@@ -455,11 +728,15 @@ def check_model(model: SafetyModel, reference: tuple[torch.Tensor, torch.Tensor]
                              f"{model.d_vocab}: tokenizer and weights do not belong together.")
     if reference is not None:
         ids, expected = reference
+        if atol is None:
+            atol = GUARD_TOLERANCE.get(model.dtype, 1e-3)
         with torch.no_grad():
-            got = model.bridge(ids)[0, -1].float().cpu()
+            got = model.bridge(ids.to(model.device))[0, -1].float().cpu()
         scale = max(1.0, float(expected.abs().max()))
         err = float((got - expected).abs().max())
-        if err > atol * scale:
+        if not err <= atol * scale:  # also catches NaN
             raise LoadGuardError(f"Bridge logits differ from HF logits by {err:.3g} (allowed "
-                                 f"{atol * scale:.3g}) on a probe prompt: the bridge mis-mapped "
-                                 "this architecture. Report it with the model name.")
+                                 f"{atol * scale:.3g} = {atol:g} x max |logit| in {model.dtype}, i.e. "
+                                 f"{err / (atol * scale):.1f}x over) on a probe prompt: the bridge mis-mapped "
+                                 "this architecture or the dtype is too coarse for it. Report it with the "
+                                 "model name, or load in float32.")

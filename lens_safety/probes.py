@@ -3,10 +3,17 @@
 The paper's claim 1: a linear SVM (or a one-hidden-layer MLP of 100 units) trained on the
 last-position residual of each layer separates harmful from harmless prompts within the
 first few layers. :func:`probe_layers` fits one estimator per layer with stratified k-fold
-cross-validation and reports, per layer, the pooled out-of-fold accuracy with a 95% Wilson
-interval, AUROC with a Hanley–McNeil interval (binary tasks), a shuffled-label control, a
-length-only control and the cosine between the probe's weight vector and the
-difference-of-means direction.
+cross-validation (grouped by plain request, so a request and its jailbreak wrappers never sit
+in both train and test; any scikit-learn splitter works) and reports, per layer, the pooled
+out-of-fold accuracy with a 95% Wilson interval, the fold-averaged AUROC with a Hanley–McNeil
+interval (binary tasks), a shuffled-label control, a permutation test, a length-only control
+and the cosine between the probe's weight vector and the difference-of-means direction.
+:func:`claim1_verdict` turns a result into "reproduced" / "partly" / "not reproduced".
+
+:func:`probe_transfer` applies harmful-vs-harmless probes to other prompts (jailbreaks) without
+leaking: a test prompt that wraps a training request is scored by probes that never saw it.
+Probes remember the formatting (chat template, system prompt) and position of the residuals they
+were trained on, and refuse residuals made otherwise.
 
 Layers are indexed ``0..n_layers``: 0 is the embedding output and ``l`` the raw output of
 block ``l-1`` (HF ``hidden_states`` numbering, but the last entry has no final norm). With a
@@ -28,10 +35,9 @@ True
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import os
-import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,18 +52,21 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.exceptions import NotFittedError as _SkNotFittedError
 from torch import Tensor
 
+from . import store
 from .activations import Residuals
 from .errors import InputError, ModelMismatchError
 from .errors import NotFittedError as _LsNotFittedError
+from .stats import auroc_interval, permutation_pvalue, wilson_interval
 
 __all__ = [
     "ProbeNotFittedError", "LinearSVMProbe", "LogisticProbe", "MLPProbe", "DiffMeansProbe",
     "probe_layers", "ProbeResult", "LayerAccuracy", "TransferResult", "probe_transfer", "transfer_to",
-    "refusal_directions", "relative_depth_frame", "wilson_interval", "auroc_interval",
+    "refusal_directions", "relative_depth_frame", "request_groups", "claim1_verdict", "Claim1Verdict",
+    "CLAIM1_VERDICTS", "wilson_interval", "auroc_interval",
 ]
 
-SCHEMA_VERSION = 1
-Z95 = 1.959963984540054
+SCHEMA_VERSION = 2
+ARTIFACT_KIND = "probe_result"
 
 
 class ProbeNotFittedError(_LsNotFittedError, _SkNotFittedError):
@@ -65,34 +74,8 @@ class ProbeNotFittedError(_LsNotFittedError, _SkNotFittedError):
 
 
 # -- statistics ---------------------------------------------------------------------------
-
-def wilson_interval(k: np.ndarray | int, n: np.ndarray | int, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
-    """95% Wilson score interval of a proportion ``k / n`` (stays inside [0, 1], sane at 0 and 1).
-
-    >>> lo, hi = wilson_interval(50, 100)
-    >>> round(float(lo), 3), round(float(hi), 3)
-    (0.404, 0.596)
-    """
-    k, n = np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
-
-
-def auroc_interval(auc: float, n_pos: int, n_neg: int, z: float = Z95) -> tuple[float, float]:
-    """95% normal interval of an AUROC with the Hanley & McNeil (1982) standard error.
-
-    >>> [round(v, 3) for v in auroc_interval(0.8, 50, 50)]
-    [0.713, 0.887]
-    """
-    a = float(auc)
-    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
-    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
-    se = math.sqrt(max(var, 0.0))
-    return max(0.0, a - z * se), min(1.0, a + z * se)
-
+# Intervals live in lens_safety.stats; ``probes.wilson_interval`` / ``probes.auroc_interval`` stay
+# importable from here (re-exports).
 
 # -- estimators ---------------------------------------------------------------------------
 
@@ -332,6 +315,12 @@ def _features(residuals: Residuals) -> np.ndarray:
     return v.detach().float().cpu().numpy()
 
 
+def _feature_position(positions: str | int) -> str:
+    """The position the probe features come from: ``"mean"``, or ``"last"`` (``positions="last"``
+    and ``positions=k``, whose last entry is the same token)."""
+    return "mean" if positions == "mean" else "last"
+
+
 def _check_finite(X: np.ndarray, layers: Sequence[int]) -> None:
     bad = [layer for layer in layers if not np.isfinite(X[:, layer]).all()]
     if bad:
@@ -365,13 +354,100 @@ def _check_labels(labels: Sequence[Any], n: int, cv: int | None) -> tuple[np.nda
     return y, classes
 
 
+def _request_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def request_groups(residuals: Residuals) -> np.ndarray:
+    """One group id per row: the plain request it asks (``Prompt.plain_request``).
+
+    A jailbreak prompt and the plain request it wraps share a group, so do two wrappers of one
+    request: CV that keeps groups apart never trains on a request it then tests.
+
+    >>> from lens_safety.prompts import PromptSet
+    >>> import lens_safety as ls, torch
+    >>> ps = PromptSet.from_texts(["Do X", "Do Y"], label="harmful")
+    >>> jb = ls.jailbreak(ps, "prefix_injection")
+    >>> r = ls.Residuals(torch.zeros(4, 2, 3), ps + jb, torch.ones(4, dtype=torch.long), "m", "h", "last")
+    >>> g = request_groups(r); bool(g[0] == g[2]), bool(g[0] == g[1])
+    (True, False)
+    """
+    if not isinstance(residuals, Residuals):
+        raise InputError(f"Expected a Residuals (from collect_residuals), got {type(residuals).__name__}.")
+    return np.asarray([_request_key(p.plain_request) for p in residuals.prompts])
+
+
+def _resolve_groups(groups: Any, residuals: Residuals, n: int) -> np.ndarray | None:
+    if groups is None:
+        return None
+    if isinstance(groups, str):
+        if groups != "request":
+            raise InputError(f"groups must be 'request' (group by Prompt.plain_request), None (no grouping) or "
+                             f"one group id per prompt; got {groups!r}.")
+        return request_groups(residuals)
+    g = np.asarray(list(groups))
+    if g.shape[0] != n:
+        raise InputError(f"Got {g.shape[0]} group ids for {n} activation rows; pass one group per prompt.")
+    return g
+
+
+def _make_splits(cv: Any, y: np.ndarray, groups: np.ndarray | None, seed: int) -> tuple[list, int, str]:
+    """``(splits, n_splits, description)``. An int uses StratifiedKFold when every group is a single
+    row and StratifiedGroupKFold when groups repeat; a splitter object is used as given."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    n = len(y)
+    repeated = groups is not None and len(np.unique(groups)) < n
+    if isinstance(cv, bool):
+        raise InputError(f"cv must be an int ≥ 2 or a scikit-learn splitter, got {cv!r}.")
+    if isinstance(cv, (int, np.integer)):
+        cv = int(cv)
+        if cv < 2:
+            raise InputError(f"cv must be an int ≥ 2 (number of stratified folds) or a splitter, got {cv!r}.")
+        _check_labels(y, n, cv)
+        if repeated:
+            n_groups = len(np.unique(groups))
+            if n_groups < cv:
+                raise InputError(f"cv={cv} folds need at least {cv} groups, got {n_groups}; lower cv or pass "
+                                 "groups=None.")
+            splitter = StratifiedGroupKFold(n_splits=cv, shuffle=True, random_state=seed)
+        else:
+            splitter = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
+    elif hasattr(cv, "split") and hasattr(cv, "get_n_splits"):
+        splitter = cv
+    else:
+        raise InputError(f"cv must be an int ≥ 2 or a scikit-learn splitter (e.g. GroupKFold(5)), "
+                         f"got {type(cv).__name__}.")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The groups parameter is ignored")  # checked below
+            splits = [(np.asarray(tr), np.asarray(te)) for tr, te in splitter.split(np.zeros((n, 1)), y, groups)]
+    except ValueError as e:
+        raise InputError(f"The splitter {splitter!r} failed on these labels/groups: {e}") from e
+    counts = np.zeros(n, dtype=int)
+    for tr, te in splits:
+        counts[te] += 1
+        if groups is not None and np.intersect1d(groups[tr], groups[te]).size:
+            raise InputError(f"{splitter!r} puts prompts of one group (the same plain request, e.g. a request "
+                             "and its jailbreak wrappers) in both train and test; use GroupKFold / "
+                             "StratifiedGroupKFold, or pass groups=None to allow it.")
+        if len(np.unique(y[tr])) < 2:
+            raise InputError(f"A training fold of {splitter!r} holds a single class; use a stratified splitter.")
+    if not (counts == 1).all():
+        raise InputError(f"{splitter!r} does not put every prompt in exactly one test fold (pooled out-of-fold "
+                         "accuracy needs a partition); use a K-fold splitter, not ShuffleSplit.")
+    return splits, len(splits), repr(splitter)
+
+
 # -- the per-layer work ---------------------------------------------------------------------
 
 def _cv_layer(est, X: np.ndarray, y: np.ndarray, splits, classes: np.ndarray):
-    """Out-of-fold predictions and (binary) scores, plus per-fold accuracies."""
+    """Out-of-fold predictions and (binary) scores, plus per-fold accuracies and AUROCs."""
+    from sklearn.metrics import roc_auc_score
+
     pred = np.empty(len(y), dtype=y.dtype)
     score = np.full(len(y), np.nan)
-    fold_acc = []
+    fold_acc, fold_auc = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         for train, test in splits:
@@ -379,8 +455,11 @@ def _cv_layer(est, X: np.ndarray, y: np.ndarray, splits, classes: np.ndarray):
             pred[test] = m.predict(X[test])
             if len(classes) == 2 and hasattr(m, "decision_function"):
                 score[test] = m.decision_function(X[test])
+                pos = y[test] == classes[1]
+                ok = 0 < pos.sum() < len(pos) and np.isfinite(score[test]).all()
+                fold_auc.append(float(roc_auc_score(pos, score[test])) if ok else np.nan)
             fold_acc.append(float(np.mean(pred[test] == y[test])))
-    return pred, score, np.array(fold_acc)
+    return pred, score, np.array(fold_acc), np.array(fold_auc, dtype=np.float64)
 
 
 def _fit_full(est, X: np.ndarray, y: np.ndarray):
@@ -400,6 +479,11 @@ def _layer_job(est, X_l: np.ndarray, y: np.ndarray, y_perm: np.ndarray | None, s
     return out
 
 
+def _permutation_job(est, X_l: np.ndarray, y_perm: np.ndarray, splits, classes: np.ndarray) -> float:
+    pred = _cv_layer(est, np.ascontiguousarray(X_l, dtype=np.float64), y_perm, splits, classes)[0]
+    return float(np.mean(pred == y_perm))
+
+
 def _run_layers(fn, args_per_layer: list[tuple], n_jobs: int | None, progress: bool, desc: str) -> list:
     if n_jobs in (None, 1):
         it = (fn(*a) for a in args_per_layer)
@@ -410,7 +494,7 @@ def _run_layers(fn, args_per_layer: list[tuple], n_jobs: int | None, progress: b
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, total=len(args_per_layer), desc=desc, unit="layer")
+        it = tqdm(it, total=len(args_per_layer), desc=desc, unit="fit" if "permutation" in desc else "layer")
     return list(it)
 
 
@@ -461,21 +545,30 @@ class LayerAccuracy(NamedTuple):
     ci_high: float
 
 
-_METRIC_COLUMNS = ["accuracy", "ci_low", "ci_high", "fold_std", "auroc", "auroc_low", "auroc_high",
-                   "shuffled_accuracy", "shuffled_ci_high", "length_accuracy", "direction_cosine"]
+_METRIC_COLUMNS = ["accuracy", "ci_low", "ci_high", "fold_std", "auroc", "auroc_low", "auroc_high", "auroc_fold_std",
+                   "shuffled_accuracy", "shuffled_ci_high", "permutation_pvalue", "permutation_null_high",
+                   "length_accuracy", "direction_cosine"]
 
 
 @dataclass
 class ProbeResult:
     """Per-layer probe accuracies (with CIs and controls) and the probes refit on all data.
 
-    ``accuracy`` is the pooled out-of-fold accuracy (correct / n over all k test folds);
-    ``ci_low``/``ci_high`` its 95% Wilson interval; ``auroc`` (binary) uses pooled
-    out-of-fold decision scores, with a Hanley–McNeil interval. ``shuffled_accuracy`` is the
-    same CV with permuted labels; ``length_accuracy`` a depth-2 decision tree on the prompt's
-    token count alone (one number, repeated per layer). ``direction_cosine`` is the cosine
-    between the refit probe's weight vector (original feature space, oriented towards
-    ``positive``) and the difference-of-means direction ``positive - negative``.
+    ``accuracy`` is the pooled out-of-fold accuracy (correct / n over all test folds);
+    ``ci_low``/``ci_high`` its 95% Wilson interval. ``auroc`` (binary) is the mean of the per-fold
+    AUROCs (scores of different fold models are not on one scale, so they are not pooled), with a
+    Hanley–McNeil interval at the full class counts; ``auroc_fold_std`` is its spread over folds.
+    ``shuffled_accuracy`` is one CV run with permuted labels; ``permutation_pvalue`` a permutation
+    test (NaN at layers where it was not run), ``permutation_null_high`` the 95th percentile of its
+    null accuracies. ``length_accuracy`` is a depth-2 decision tree on the prompt's token count
+    alone (one number, repeated per layer). ``direction_cosine`` is the cosine between the refit
+    probe's weight vector (original feature space, oriented towards ``positive``) and the
+    difference-of-means direction ``positive - negative``.
+
+    ``formatting`` (chat / raw, system prompt, template hash) and ``positions`` record the residuals
+    the probes were trained on: scoring residuals made otherwise raises :class:`ModelMismatchError`.
+    ``request_keys`` (hashes of the training prompts' plain requests) let :meth:`transfer_to`
+    refuse test prompts that wrap a request the probes were trained on.
     """
 
     layers: list[int]
@@ -494,6 +587,14 @@ class ProbeResult:
     d_model: int = 0
     params: dict[str, Any] = field(default_factory=dict)
     probes: list[Any] | None = field(default=None, repr=False)
+    formatting: dict[str, Any] = field(default_factory=dict)
+    positions: str = "last"
+    request_keys: list[str] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        for k in _METRIC_COLUMNS:  # results from older code or hand-built ones: missing columns are NaN
+            if self.metrics and k not in self.metrics:
+                self.metrics[k] = np.full(len(self.layers), np.nan)
 
     # -- views
     def to_frame(self):
@@ -510,19 +611,21 @@ class ProbeResult:
             raise InputError(f"Layer {layer} was not probed; probed layers: {self.layers}.")
         return self.layers.index(layer)
 
+    def _at(self, i: int) -> LayerAccuracy:
+        m = self.metrics
+        return LayerAccuracy(self.layers[i], float(m["accuracy"][i]), float(m["ci_low"][i]), float(m["ci_high"][i]))
+
     def first_layer_above(self, threshold: float = 0.95) -> LayerAccuracy | None:
         """First probed layer whose accuracy is ≥ ``threshold`` (with its CI), or None."""
         acc = self.metrics["accuracy"]
-        for i, layer in enumerate(self.layers):
+        for i in range(len(self.layers)):
             if acc[i] >= threshold:
-                return LayerAccuracy(layer, float(acc[i]), float(self.metrics["ci_low"][i]),
-                                     float(self.metrics["ci_high"][i]))
+                return self._at(i)
         return None
 
     def best_layer(self) -> LayerAccuracy:
-        i = int(np.argmax(self.metrics["accuracy"]))
-        return LayerAccuracy(self.layers[i], float(self.metrics["accuracy"][i]), float(self.metrics["ci_low"][i]),
-                             float(self.metrics["ci_high"][i]))
+        """The layer with the highest accuracy (the first one on ties), with its CI."""
+        return self._at(int(np.nanargmax(self.metrics["accuracy"])))
 
     @property
     def embedding_at_chance(self) -> bool | None:
@@ -539,12 +642,27 @@ class ProbeResult:
             raise ProbeNotFittedError("This ProbeResult holds no fitted probes (run probe_layers with refit=True).")
         return self.probes
 
-    def _test_features(self, residuals: Residuals) -> np.ndarray:
-        X = _features(residuals)
+    def _check_stage(self, residuals: Residuals) -> None:
+        """Same model, same formatting, same feature position as the training residuals."""
         if self.weights_hash and residuals.weights_hash != self.weights_hash:
             raise ModelMismatchError(f"These probes were fitted on {self.model_name} ({self.weights_hash[:12]}) "
                                      f"but the residuals come from {residuals.model_name} "
                                      f"({residuals.weights_hash[:12]}); capture them with the same model.")
+        if self.formatting and residuals.formatting and dict(residuals.formatting) != dict(self.formatting):
+            raise ModelMismatchError(
+                f"These probes were trained on residuals formatted as {_describe_formatting(self.formatting)}, "
+                f"but these residuals are formatted as {_describe_formatting(residuals.formatting)}. A probe "
+                "would read the template difference, not the prompt: capture them with the same chat= and "
+                "system= settings as the training residuals.")
+        pos = _feature_position(residuals.positions)
+        if pos != self.positions:
+            raise ModelMismatchError(
+                f"These probes were trained on the {self.positions!r} position, but these residuals hold "
+                f"positions={residuals.positions!r}; capture them with positions={self.positions!r}.")
+
+    def _test_features(self, residuals: Residuals) -> np.ndarray:
+        X = _features(residuals)
+        self._check_stage(residuals)
         if X.shape[2] != self.d_model or X.shape[1] != self.n_layers + 1:
             raise ModelMismatchError(f"Residuals have {X.shape[1]} layers × d_model {X.shape[2]}, probes expect "
                                      f"{self.n_layers + 1} × {self.d_model}.")
@@ -576,52 +694,50 @@ class ProbeResult:
             rows.append(sign * _unit(w))
         return np.stack(rows)
 
-    def transfer_to(self, residuals: Residuals, positive: Any = None) -> TransferResult:
+    def seen_requests(self, residuals: Residuals) -> np.ndarray:
+        """Boolean mask: which prompts of ``residuals`` ask a plain request these probes were trained on."""
+        keys = set(self.request_keys)
+        return np.asarray([k in keys for k in request_groups(residuals)], dtype=bool)
+
+    def transfer_to(self, residuals: Residuals, positive: Any = None, *, allow_seen: bool = False) -> TransferResult:
         """Apply the refit probes to other residuals (e.g. jailbreak prompts); per layer the
         fraction classified ``positive`` (default: this result's positive class), with a 95% Wilson
-        CI, and the accuracy when the test labels are among this result's classes."""
+        CI, and the accuracy when the test labels are among this result's classes.
+
+        The refit probes saw every training prompt. A test prompt that wraps one of those requests
+        (a jailbreak of a training request) would be scored by a probe that memorised it, so it is
+        refused with an :class:`InputError` unless ``allow_seen=True``: use
+        :func:`probe_transfer`, which cross-fits by request, for a leak-free rate.
+        """
         positive = self.positive if positive is None else positive
         if positive not in self.classes:
             raise InputError(f"positive={positive!r} is not a class of these probes ({self.classes}).")
+        seen = self.seen_requests(residuals) if self.request_keys else np.zeros(len(residuals), dtype=bool)
+        if seen.any() and not allow_seen:
+            raise InputError(
+                f"{int(seen.sum())} of {len(residuals)} test prompts ask a request these probes were trained on "
+                "(e.g. jailbreaks of training requests): their score is inflated by memorisation. Use "
+                "probe_transfer(train_residuals, test_residuals), which scores each request with probes that "
+                "never saw it, or pass allow_seen=True to measure the leaky number on purpose.")
         pred = self.predict(residuals)
-        return _transfer_result(pred, np.asarray(residuals.labels), self, positive, residuals.prompts.name)
+        out = _transfer_result(pred, np.asarray(residuals.labels), self, positive, residuals.prompts.name)
+        out.n_seen, out.holdout = int(seen.sum()), "none"
+        return out
 
     # -- plotting
     def plot(self, ax=None, others: Sequence[ProbeResult] | Mapping[str, ProbeResult] = (),
              relative_depth: bool = False, label: str | None = None, controls: bool = True):
-        """Accuracy vs layer with 95% CI bands and control lines; overlay ``others``. Returns the Figure."""
-        import matplotlib.pyplot as plt
+        """Accuracy vs layer with 95% CI bands and control lines; overlay ``others``. Returns the Figure
+        (drawn by :func:`lens_safety.viz.probe_figure`)."""
+        from .viz import probe_figure
 
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(7, 4))
-        else:
-            fig = ax.figure
-        items = [(label or _default_label(self), self)]
-        items += list(others.items()) if isinstance(others, Mapping) else [(_default_label(o), o) for o in others]
-        for name, r in items:
-            x = np.asarray(r.layers, dtype=float) / (r.n_layers if relative_depth else 1)
-            line, = ax.plot(x, r.metrics["accuracy"], marker="o", ms=3, label=name)
-            ax.fill_between(x, r.metrics["ci_low"], r.metrics["ci_high"], color=line.get_color(), alpha=0.2)
-            if controls:
-                ax.plot(x, r.metrics["shuffled_accuracy"], ls="--", lw=1, color=line.get_color(), alpha=0.7,
-                        label=f"{name}: shuffled labels")
-                if np.isfinite(r.metrics["length_accuracy"]).any():
-                    ax.plot(x, r.metrics["length_accuracy"], ls=":", lw=1, color=line.get_color(), alpha=0.7,
-                            label=f"{name}: length only")
-        ax.axhline(self.chance, color="grey", lw=0.8, label="chance (majority class)")
-        ax.set_xlabel("relative depth (layer / n_layers)" if relative_depth else "layer (0 = embedding output)")
-        ax.set_ylabel(f"{self.cv}-fold CV accuracy")
-        ax.set_ylim(min(0.3, ax.get_ylim()[0]), 1.02)
-        ax.set_title(f"Probe accuracy per layer: {self.task}")
-        ax.legend(fontsize=7)
-        return fig
+        return probe_figure(self, ax=ax, others=others, relative_depth=relative_depth, label=label,
+                            controls=controls)
 
     # -- persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        """``probes.safetensors`` (per-layer weights, float64) + ``meta.json``; written atomically."""
-        from safetensors.numpy import save_file
-
-        directory = Path(directory)
+        """One artifact folder (``tensors.safetensors`` with the per-layer weights in float64 +
+        ``meta.json``), written atomically and checksummed by :mod:`lens_safety.store`."""
         tensors: dict[str, np.ndarray] = {}
         kinds = []
         for layer, p in zip(self.layers, self.probes or []):
@@ -632,64 +748,56 @@ class ProbeResult:
             for k, v in p._state().items():
                 tensors[f"layer{layer}.{k}"] = np.ascontiguousarray(v, dtype=np.float64)
         meta = {
-            "schema_version": SCHEMA_VERSION, "layers": self.layers, "classes": _jsonable(self.classes),
-            "classifier": self.classifier, "task": self.task, "n": self.n, "cv": self.cv, "seed": self.seed,
-            "n_layers": self.n_layers, "chance": self.chance, "positive": _jsonable(self.positive),
-            "model_name": self.model_name, "weights_hash": self.weights_hash, "d_model": self.d_model,
-            "params": _jsonable(self.params), "probe_kinds": kinds,
+            "layers": self.layers, "classes": self.classes, "classifier": self.classifier, "task": self.task,
+            "n": self.n, "cv": self.cv, "seed": self.seed, "n_layers": self.n_layers, "chance": self.chance,
+            "positive": self.positive, "model_name": self.model_name, "weights_hash": self.weights_hash,
+            "d_model": self.d_model, "params": self.params, "probe_kinds": kinds,
             "probe_params": [p.get_params() for p in self.probes or []],
-            "metrics": {k: [None if not np.isfinite(x) else float(x) for x in v] for k, v in self.metrics.items()},
+            "metrics": {k: np.asarray(v, dtype=np.float64) for k, v in self.metrics.items()},
+            "formatting": self.formatting, "positions": self.positions, "request_keys": self.request_keys,
         }
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        if tensors:
-            save_file(tensors, str(tmp / "probes.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-        return directory
+        return store.write_artifact(directory, kind=ARTIFACT_KIND, schema_version=SCHEMA_VERSION, meta=meta,
+                                    tensors=tensors)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ProbeResult:
-        """Load what :meth:`save` wrote; the probes score new residuals exactly as before."""
-        from safetensors.numpy import load_file
+        """Load what :meth:`save` wrote; the probes score new residuals exactly as before.
 
-        directory = Path(directory)
-        meta_path = directory / "meta.json"
-        if not meta_path.is_file():
-            raise InputError(f"{directory} is not a saved ProbeResult (no meta.json).")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("schema_version") != SCHEMA_VERSION:
-            raise InputError(f"{directory} has schema {meta.get('schema_version')}, expected {SCHEMA_VERSION}.")
-        tensors = load_file(str(directory / "probes.safetensors")) if meta["probe_kinds"] else {}
-        classes = np.asarray(meta["classes"])
-        probes = []
-        for layer, kind, params in zip(meta["layers"], meta["probe_kinds"], meta["probe_params"]):
-            prefix = f"layer{layer}."
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            probes.append(_CLASSIFIERS[kind]._from_state(params, classes, state))
-        metrics = {k: np.array([np.nan if x is None else x for x in v], dtype=np.float64)
-                   for k, v in meta["metrics"].items()}
-        return cls(layers=meta["layers"], metrics=metrics, classes=meta["classes"], classifier=meta["classifier"],
-                   task=meta["task"], n=meta["n"], cv=meta["cv"], seed=meta["seed"], n_layers=meta["n_layers"],
-                   chance=meta["chance"], positive=meta["positive"], model_name=meta["model_name"],
-                   weights_hash=meta["weights_hash"], d_model=meta["d_model"], params=meta["params"],
-                   probes=probes or None)
+        Raises :class:`~lens_safety.errors.CacheError` when the folder is missing, truncated or edited.
+        """
+        from .errors import CacheError
+
+        tensors, meta = store.read_artifact(directory, kind=ARTIFACT_KIND, schema_version=SCHEMA_VERSION,
+                                            framework="numpy")
+        try:
+            classes = np.asarray(meta["classes"])
+            probes = []
+            for layer, kind, params in zip(meta["layers"], meta["probe_kinds"], meta["probe_params"]):
+                prefix = f"layer{layer}."
+                state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                probes.append(_CLASSIFIERS[kind]._from_state(params, classes, state))
+            metrics = {k: np.array([np.nan if x is None else x for x in v], dtype=np.float64)
+                       for k, v in meta["metrics"].items()}
+            return cls(layers=meta["layers"], metrics=metrics, classes=meta["classes"],
+                       classifier=meta["classifier"], task=meta["task"], n=meta["n"], cv=meta["cv"],
+                       seed=meta["seed"], n_layers=meta["n_layers"], chance=meta["chance"],
+                       positive=meta["positive"], model_name=meta["model_name"], weights_hash=meta["weights_hash"],
+                       d_model=meta["d_model"], params=meta["params"], probes=probes or None,
+                       formatting=meta["formatting"], positions=meta["positions"],
+                       request_keys=list(meta["request_keys"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"{directory} is not a readable ProbeResult ({type(e).__name__}: {e}); "
+                             "re-run probe_layers and save again.") from e
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
+def _describe_formatting(f: Mapping[str, Any]) -> str:
+    if not f:
+        return "unknown"
+    tpl = f.get("template_sha256")
+    return (f"chat={f.get('chat')}, system={f.get('system')!r}, template={tpl[:12] if tpl else None}")
+
+
+_jsonable = store.jsonable
 
 
 def _default_label(r: ProbeResult) -> str:
@@ -699,10 +807,11 @@ def _default_label(r: ProbeResult) -> str:
 # -- the driver ---------------------------------------------------------------------------
 
 def probe_layers(residuals: Residuals, labels: Sequence[Any] | None = None, classifier: str | BaseEstimator = "svm",
-                 cv: int = 5, seed: int = 0, layers: Sequence[int] | None = None, controls: bool = True,
+                 cv: int | Any = 5, seed: int = 0, layers: Sequence[int] | None = None, controls: bool = True,
                  n_jobs: int | None = None, progress: bool = True, *, positive: Any = None, task: str | None = None,
-                 refit: bool = True) -> ProbeResult:
-    """Fit one probe per residual layer with stratified k-fold CV; accuracies, CIs and controls.
+                 refit: bool = True, groups: str | Sequence[Any] | None = "request", n_permutations: int = 20,
+                 permutation_layers: str | Sequence[int] = "best") -> ProbeResult:
+    """Fit one probe per residual layer with (group-aware) stratified k-fold CV; accuracies, CIs, controls.
 
     Features are the residual at the captured position (``positions="last"``: the chat
     template's final token); for ``positions=k`` residuals the last of the k positions is used.
@@ -711,9 +820,25 @@ def probe_layers(residuals: Residuals, labels: Sequence[Any] | None = None, clas
     ``"diffmeans"`` (binary) or any sklearn classifier instance. ``labels`` default to
     ``residuals.labels``: two classes for the 2-way task, three (harmless / harmful /
     jailbreak) for the 3-way one. ``positive`` (binary) is the class the directions point to
-    (default ``"harmful"`` if present, else the second class). ``controls`` adds the
-    shuffled-label CV (doubles the cost) and the length-only baseline. ``refit`` keeps a probe
-    per layer fitted on all data (for :meth:`ProbeResult.predict`, ``transfer_to``, ``save``).
+    (default ``"harmful"`` if present, else the second class).
+
+    ``cv``: an int k, or any scikit-learn splitter that partitions the rows (``GroupKFold(5)``,
+    ``StratifiedGroupKFold(...)``, ``KFold``...). ``groups``: ``"request"`` (default: the prompt's
+    plain request, so a request and its jailbreak wrappers never sit in both train and test),
+    ``None`` (no grouping) or one id per prompt. With an int ``cv`` and groups that repeat,
+    ``StratifiedGroupKFold`` is used; when every group is a single prompt (plain prompts),
+    ``StratifiedKFold`` (the same folds as before groups existed). A splitter that puts one group on
+    both sides raises :class:`InputError`.
+
+    Controls: the length-only baseline (a depth-2 tree on the token count, always computed: it is
+    free, and it matters most for the 3-way task, where jailbreak prompts are much longer);
+    with ``controls=True`` also one shuffled-label CV run per layer (doubles the cost) and a
+    permutation test with ``n_permutations`` label permutations (splits kept fixed, p-value with
+    the +1 correction, :func:`lens_safety.stats.permutation_pvalue`) at ``permutation_layers``
+    (``"best"``: only the most accurate layer, which is cheap — 20 permutations × k fits; ``"all"``;
+    or a list of layers). The smallest p-value ``n_permutations`` can give is ``1 / (n + 1)``.
+    ``refit`` keeps a probe per layer fitted on all data (for :meth:`ProbeResult.predict`,
+    ``transfer_to``, ``save``).
 
     >>> import lens_safety as ls, torch
     >>> from lens_safety.prompts import PromptSet
@@ -724,18 +849,22 @@ def probe_layers(residuals: Residuals, labels: Sequence[Any] | None = None, clas
     >>> res = ls.probe_layers(r, cv=5, progress=False)
     >>> res.to_frame().accuracy.round(2).tolist()[2]
     1.0
+    >>> float(res.to_frame().permutation_pvalue[2]) < 0.1
+    True
     """
-    if isinstance(cv, bool) or not isinstance(cv, int) or cv < 2:
-        raise InputError(f"cv must be an int ≥ 2 (number of stratified folds), got {cv!r}.")
     X = _features(residuals)
     n, n_res_layers, d = X.shape
     n_layers = n_res_layers - 1
-    y, classes = _check_labels(labels if labels is not None else residuals.labels, n, cv)
+    y, classes = _check_labels(labels if labels is not None else residuals.labels, n, None)
+    g = _resolve_groups(groups, residuals, n)
+    splits, n_splits, splitter_desc = _make_splits(cv, y, g, seed)
     layer_ids = _resolve_layers(layers, n_layers)
     _check_finite(X, layer_ids)
     est, kind = _make_estimator(classifier)
     if kind == "diffmeans" and len(classes) != 2:
         raise InputError(f"classifier='diffmeans' is binary; got {len(classes)} classes {classes.tolist()}.")
+    if isinstance(n_permutations, bool) or not isinstance(n_permutations, (int, np.integer)) or n_permutations < 0:
+        raise InputError(f"n_permutations must be an int ≥ 0 (0 skips the permutation test), got {n_permutations!r}.")
     binary = len(classes) == 2
     if positive is None:
         positive = ("harmful" if "harmful" in classes else classes[-1])
@@ -744,51 +873,80 @@ def probe_layers(residuals: Residuals, labels: Sequence[Any] | None = None, clas
     positive = _jsonable(positive)
     negative = _jsonable(classes[0] if classes[0] != positive else classes[1]) if binary else None
 
-    from sklearn.model_selection import StratifiedKFold
-
-    skf = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
-    splits = list(skf.split(np.zeros(n), y))
     y_perm = splits_perm = None
     if controls:
         y_perm = np.random.default_rng(seed).permutation(y)
-        splits_perm = list(skf.split(np.zeros(n), y_perm))
+        splits_perm = _make_splits(cv, y_perm, g, seed)[0] if isinstance(cv, (int, np.integer)) else splits
     jobs = [(est, X[:, layer], y, y_perm, splits, splits_perm, classes, refit) for layer in layer_ids]
     outs = _run_layers(_layer_job, jobs, n_jobs, progress, f"probe {kind}")
 
     L = len(layer_ids)
     m = {k: np.full(L, np.nan) for k in _METRIC_COLUMNS}
+    pos_mask = y == classes[1]
     for i, o in enumerate(outs):
-        pred, score, fold_acc = o["cv"]
+        pred, score, fold_acc, fold_auc = o["cv"]
         k = int((pred == y).sum())
         m["accuracy"][i] = k / n
         m["ci_low"][i], m["ci_high"][i] = wilson_interval(k, n)
-        m["fold_std"][i] = float(fold_acc.std(ddof=1))
-        if binary and np.isfinite(score).all():
-            from sklearn.metrics import roc_auc_score
-
-            pos = y == classes[1]
-            m["auroc"][i] = roc_auc_score(pos, score)
-            m["auroc_low"][i], m["auroc_high"][i] = auroc_interval(m["auroc"][i], int(pos.sum()), int((~pos).sum()))
+        m["fold_std"][i] = float(fold_acc.std(ddof=1)) if len(fold_acc) > 1 else 0.0
+        if binary and fold_auc.size and np.isfinite(fold_auc).all():
+            m["auroc"][i] = float(fold_auc.mean())
+            m["auroc_fold_std"][i] = float(fold_auc.std(ddof=1)) if fold_auc.size > 1 else 0.0
+            m["auroc_low"][i], m["auroc_high"][i] = auroc_interval(m["auroc"][i], int(pos_mask.sum()),
+                                                                   int((~pos_mask).sum()))
         if controls:
             ks = int((o["shuffled"][0] == y_perm).sum())
             m["shuffled_accuracy"][i] = ks / n
             m["shuffled_ci_high"][i] = wilson_interval(ks, n)[1]
-    if controls:
-        m["length_accuracy"][:] = _length_accuracy(residuals.n_tokens, y, splits, seed)
+    m["length_accuracy"][:] = _length_accuracy(residuals.n_tokens, y, splits, seed)
+    if controls and n_permutations:
+        _permutation_test(m, est, X, y, splits, classes, layer_ids, n_permutations, permutation_layers, seed,
+                          n_jobs, progress)
     probes = [o["probe"] for o in outs] if refit else None
     counts = np.unique(y, return_counts=True)[1]
     result = ProbeResult(
         layers=layer_ids, metrics=m, classes=_jsonable(classes), classifier=kind,
-        task=task or "-vs-".join(str(c) for c in classes), n=n, cv=cv, seed=seed, n_layers=n_layers,
+        task=task or "-vs-".join(str(c) for c in classes), n=n, cv=n_splits, seed=seed, n_layers=n_layers,
         chance=float(counts.max() / n), positive=positive if binary else None,
         model_name=residuals.model_name, weights_hash=residuals.weights_hash, d_model=d,
-        params={"positions": residuals.positions, "controls": controls,
+        params={"positions": residuals.positions, "controls": controls, "splitter": splitter_desc,
+                "groups": groups if isinstance(groups, str) or groups is None else "custom",
+                "n_groups": int(len(np.unique(g))) if g is not None else n,
+                "n_permutations": int(n_permutations) if controls else 0,
                 "estimator": _jsonable(est.get_params()) if hasattr(est, "get_params") else {}},
-        probes=probes)
+        probes=probes, formatting=dict(residuals.formatting), positions=_feature_position(residuals.positions),
+        request_keys=sorted(set(request_groups(residuals).tolist())) if refit else [])
     if binary and refit:
         dirs = _diff_means(X[:, layer_ids], y, positive, negative)
         m["direction_cosine"][:] = np.einsum("ld,ld->l", result.weight_directions(), dirs)
     return result
+
+
+def _permutation_test(m: dict[str, np.ndarray], est, X: np.ndarray, y: np.ndarray, splits, classes: np.ndarray,
+                      layer_ids: list[int], n_permutations: int, which: str | Sequence[int], seed: int,
+                      n_jobs: int | None, progress: bool) -> None:
+    """Fill ``permutation_pvalue`` / ``permutation_null_high`` at the chosen layers (in place)."""
+    if isinstance(which, str):
+        if which == "best":
+            rows = [int(np.nanargmax(m["accuracy"]))]
+        elif which == "all":
+            rows = list(range(len(layer_ids)))
+        else:
+            raise InputError(f"permutation_layers must be 'best', 'all' or a list of layers, got {which!r}.")
+    else:
+        rows = []
+        for layer in which:
+            if int(layer) not in layer_ids:
+                raise InputError(f"permutation_layers: layer {layer} is not among the probed layers {layer_ids}.")
+            rows.append(layer_ids.index(int(layer)))
+    rng = np.random.default_rng(seed + 1)
+    perms = [rng.permutation(y) for _ in range(n_permutations)]
+    jobs = [(est, X[:, layer_ids[r]], yp, splits, classes) for r in rows for yp in perms]
+    null = np.asarray(_run_layers(_permutation_job, jobs, n_jobs, progress, "permutation test"))
+    null = null.reshape(len(rows), n_permutations)
+    for r, nl in zip(rows, null):
+        m["permutation_pvalue"][r] = permutation_pvalue(m["accuracy"][r], nl)
+        m["permutation_null_high"][r] = float(np.quantile(nl, 0.95))
 
 
 def _length_accuracy(n_tokens: Tensor, y: np.ndarray, splits, seed: int) -> float:
@@ -806,10 +964,18 @@ def _length_accuracy(n_tokens: Tensor, y: np.ndarray, splits, seed: int) -> floa
 
 # -- transfer ---------------------------------------------------------------------------------
 
+_HOLDOUTS = ("crossfit", "exclude", "none")
+
+
 @dataclass
 class TransferResult:
     """Probes trained on one set applied to another: per layer, the fraction of test prompts
-    classified ``positive`` (95% Wilson CI), and the accuracy when test labels are known classes."""
+    classified ``positive`` (95% Wilson CI), and the accuracy when test labels are known classes.
+
+    ``holdout`` says how test prompts that ask a training request were handled: ``"crossfit"``
+    (scored by probes trained without that request), ``"exclude"`` (those requests dropped from
+    training), ``"none"`` (no check; leaky when ``n_seen > 0``). ``n_seen`` counts such prompts.
+    """
 
     layers: list[int]
     positive_rate: np.ndarray
@@ -824,8 +990,11 @@ class TransferResult:
     n_layers: int
     classifier: str
     model_name: str = ""
+    holdout: str = "none"
+    n_seen: int = 0
 
     def to_frame(self):
+        """One row per layer: positive_rate (+CI), accuracy (+CI), relative depth, n, holdout, n_seen."""
         import pandas as pd
 
         return pd.DataFrame({
@@ -833,24 +1002,15 @@ class TransferResult:
             "rate_high": self.rate_high, "accuracy": self.accuracy, "acc_low": self.acc_low,
             "acc_high": self.acc_high, "relative_depth": np.asarray(self.layers) / self.n_layers,
             "n": self.n, "positive": self.positive, "test": self.test_name, "classifier": self.classifier,
+            "holdout": self.holdout, "n_seen": self.n_seen,
         })
 
-    def plot(self, ax=None, relative_depth: bool = False):
-        """Fraction classified ``positive`` per layer with its CI band. Returns the Figure."""
-        import matplotlib.pyplot as plt
+    def plot(self, ax=None, relative_depth: bool = False, label: str | None = None):
+        """Fraction classified ``positive`` per layer with its CI band. Returns the Figure
+        (drawn by :func:`lens_safety.viz.transfer_figure`)."""
+        from .viz import transfer_figure
 
-        if ax is None:
-            fig, ax = plt.subplots(figsize=(7, 4))
-        else:
-            fig = ax.figure
-        x = np.asarray(self.layers, dtype=float) / (self.n_layers if relative_depth else 1)
-        line, = ax.plot(x, self.positive_rate, marker="o", ms=3, label=f"{self.test_name}: classified {self.positive}")
-        ax.fill_between(x, self.rate_low, self.rate_high, color=line.get_color(), alpha=0.2)
-        ax.set_xlabel("relative depth" if relative_depth else "layer (0 = embedding output)")
-        ax.set_ylabel(f"fraction classified {self.positive}")
-        ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=8)
-        return fig
+        return transfer_figure(self, ax=ax, relative_depth=relative_depth, label=label)
 
 
 def _transfer_result(pred: np.ndarray, y_test: np.ndarray, result: ProbeResult, positive: Any,
@@ -870,18 +1030,52 @@ def _transfer_result(pred: np.ndarray, y_test: np.ndarray, result: ProbeResult, 
                           result.model_name)
 
 
+def _fit_layers(est, X: np.ndarray, y: np.ndarray, layer_ids: list[int], n_jobs: int | None, progress: bool,
+                desc: str) -> list:
+    return _run_layers(_fit_full, [(est, np.ascontiguousarray(X[:, layer], np.float64), y) for layer in layer_ids],
+                       n_jobs, progress, desc)
+
+
 def probe_transfer(train_residuals: Residuals, test_residuals: Residuals, positive: str = "harmful",
                    negative: str | None = "harmless", classifier: str | BaseEstimator = "svm",
                    layers: Sequence[int] | None = None, n_jobs: int | None = None,
-                   progress: bool = False) -> TransferResult:
-    """Train per layer on ``positive`` vs ``negative`` prompts of ``train_residuals`` (all of them,
-    no CV), then classify ``test_residuals`` (e.g. jailbreaks, or another dataset).
+                   progress: bool = False, *, holdout: str | None = "crossfit", n_splits: int = 5,
+                   seed: int = 0) -> TransferResult:
+    """Train per layer on ``positive`` vs ``negative`` prompts of ``train_residuals``, then classify
+    ``test_residuals`` (e.g. jailbreaks, or another dataset) — leak-free by request.
 
     Reports per layer the fraction of test prompts classified ``positive`` with a 95% Wilson CI
     (the paper's "jailbreaks cannot fool the early layers"), and the accuracy when the test
     labels are ``positive``/``negative`` (cross-dataset transfer). ``negative=None`` uses every
     other label as the negative class.
+
+    Test prompts that ask a request also present in the training set (matched on
+    ``Prompt.plain_request``: a jailbreak of a training request) would be scored by a probe that
+    has seen that very request. ``holdout`` decides what happens to them:
+
+    - ``"crossfit"`` (default): the shared requests are split into ``n_splits`` groups; each
+      group's test prompts are scored by probes trained on everything but that group's requests.
+      Test prompts of unseen requests are scored by probes trained on all training prompts.
+    - ``"exclude"``: every shared request is dropped from training; one fit.
+    - ``None`` / ``"none"``: train on everything (the leaky number, for comparison).
+
+    >>> import lens_safety as ls, torch
+    >>> from lens_safety.prompts import PromptSet
+    >>> hb = PromptSet.from_texts([f"bad {i}" for i in range(20)], label="harmful")
+    >>> ok = PromptSet.from_texts([f"good {i}" for i in range(20)], label="harmless")
+    >>> v = torch.randn(40, 2, 8, generator=torch.Generator().manual_seed(0)); v[:20, 1, 0] += 6
+    >>> train = ls.Residuals(v, hb + ok, torch.full((40,), 9), "m", "h", "last")
+    >>> jb = ls.jailbreak(hb[:10], "prefix_injection")
+    >>> test = ls.Residuals(v[:10], jb, torch.full((10,), 30), "m", "h", "last")
+    >>> t = probe_transfer(train, test)
+    >>> t.holdout, t.n_seen, float(t.positive_rate[1])
+    ('crossfit', 10, 1.0)
     """
+    holdout = "none" if holdout is None else holdout
+    if holdout not in _HOLDOUTS:
+        raise InputError(f"holdout must be one of {_HOLDOUTS} (or None), got {holdout!r}.")
+    if isinstance(n_splits, bool) or not isinstance(n_splits, (int, np.integer)) or n_splits < 2:
+        raise InputError(f"n_splits must be an int ≥ 2, got {n_splits!r}.")
     X = _features(train_residuals)
     y = np.asarray(train_residuals.labels)
     if not (y == positive).any():
@@ -891,29 +1085,62 @@ def probe_transfer(train_residuals: Residuals, test_residuals: Residuals, positi
         raise InputError(f"No training prompt has label {negative!r}; labels: {sorted(set(y.tolist()))}.")
     y = np.where(y[keep] == positive, positive, negative if negative is not None else "other")
     X = X[keep]
+    g_train = request_groups(train_residuals)[keep]
     _check_labels(y, len(y), None)
     layer_ids = _resolve_layers(layers, X.shape[1] - 1)
     _check_finite(X, layer_ids)
     est, kind = _make_estimator(classifier)
-    probes = _run_layers(_fit_full, [(est, np.ascontiguousarray(X[:, layer], np.float64), y) for layer in layer_ids],
-                         n_jobs, progress, f"fit {kind}")
     classes = _jsonable(np.unique(y))
-    result = ProbeResult(layers=layer_ids, metrics={}, classes=classes, classifier=kind, task="transfer",
-                         n=len(y), cv=0, seed=0, n_layers=X.shape[1] - 1, chance=float("nan"), positive=positive,
-                         model_name=train_residuals.model_name,
-                         weights_hash=train_residuals.weights_hash, d_model=X.shape[2],
-                         probes=probes)
-    return result.transfer_to(test_residuals, positive=positive)
+    shell = ProbeResult(layers=layer_ids, metrics={}, classes=classes, classifier=kind, task="transfer",
+                        n=len(y), cv=0, seed=seed, n_layers=X.shape[1] - 1, chance=float("nan"), positive=positive,
+                        model_name=train_residuals.model_name, weights_hash=train_residuals.weights_hash,
+                        d_model=X.shape[2], formatting=dict(train_residuals.formatting),
+                        positions=_feature_position(train_residuals.positions))
+    X_test = shell._test_features(test_residuals)  # same model, formatting, position, finite
+    g_test = request_groups(test_residuals)
+    seen = np.isin(g_test, g_train)
+
+    def fit(rows: np.ndarray, desc: str) -> list:
+        if len(np.unique(y[rows])) < 2:
+            raise InputError("Holding the test requests out of training leaves a single class; add training "
+                             "prompts of the other class or use holdout='crossfit'.")
+        return _fit_layers(est, X[rows], y[rows], layer_ids, n_jobs, progress, desc)
+
+    def predict(probes: list, rows: np.ndarray) -> np.ndarray:
+        return np.stack([p.predict(X_test[rows][:, layer]) for p, layer in zip(probes, layer_ids)], axis=1)
+
+    all_rows = np.arange(len(y))
+    pred = np.empty((len(g_test), len(layer_ids)), dtype=object)
+    if holdout == "none" or not seen.any():
+        pred[:] = predict(fit(all_rows, f"fit {kind}"), np.arange(len(g_test)))
+    elif holdout == "exclude":
+        train_rows = all_rows[~np.isin(g_train, g_test[seen])]
+        pred[:] = predict(fit(train_rows, f"fit {kind} (test requests held out)"), np.arange(len(g_test)))
+    else:
+        shared = np.unique(g_test[seen])
+        shared = shared[np.random.default_rng(seed).permutation(len(shared))]
+        for c, chunk in enumerate(np.array_split(shared, min(n_splits, len(shared)))):
+            test_rows = np.flatnonzero(np.isin(g_test, chunk))
+            train_rows = all_rows[~np.isin(g_train, chunk)]
+            pred[test_rows] = predict(fit(train_rows, f"cross-fit {kind} {c + 1}"), test_rows)
+        if (~seen).any():
+            rows = np.flatnonzero(~seen)
+            pred[rows] = predict(fit(all_rows, f"fit {kind}"), rows)
+    out = _transfer_result(pred, np.asarray(test_residuals.labels), shell, positive, test_residuals.prompts.name)
+    out.holdout, out.n_seen = holdout, int(seen.sum())
+    return out
 
 
 def transfer_to(result_or_probe: ProbeResult | BaseEstimator, residuals: Residuals, positive: Any = None,
-                layer: int | None = None) -> TransferResult:
-    """Apply fitted probes to other residuals: :meth:`ProbeResult.transfer_to`, or one fitted
-    estimator (e.g. a :class:`LinearSVMProbe`) applied at residual ``layer`` (required then;
-    ``positive`` defaults to ``"harmful"`` if it is a class, else the estimator's last class).
+                layer: int | None = None, *, allow_seen: bool = False) -> TransferResult:
+    """Apply fitted probes to other residuals: :meth:`ProbeResult.transfer_to` (which refuses test
+    prompts of training requests unless ``allow_seen=True``), or one fitted estimator (e.g. a
+    :class:`LinearSVMProbe`) applied at residual ``layer`` (required then; ``positive`` defaults to
+    ``"harmful"`` if it is a class, else the estimator's last class; a bare estimator records no
+    training requests, so nothing is checked: prefer :func:`probe_transfer`).
     """
     if isinstance(result_or_probe, ProbeResult):
-        return result_or_probe.transfer_to(residuals, positive=positive)
+        return result_or_probe.transfer_to(residuals, positive=positive, allow_seen=allow_seen)
     est = result_or_probe
     if not hasattr(est, "classes_"):
         raise ProbeNotFittedError(f"This {type(est).__name__} is not fitted yet; fit it before transfer_to.")
@@ -933,6 +1160,146 @@ def transfer_to(result_or_probe: ProbeResult | BaseEstimator, residuals: Residua
                         d_model=X.shape[2])
     pred = np.asarray(est.predict(X[:, layer_id]))[:, None]
     return _transfer_result(pred, np.asarray(residuals.labels), shell, positive, residuals.prompts.name)
+
+
+# -- claim 1's verdict ---------------------------------------------------------------------------
+
+CLAIM1_VERDICTS = ("reproduced", "partly", "not reproduced")
+
+
+@dataclass
+class Claim1Verdict:
+    """Claim 1 ("harmful vs harmless is linearly separable, ≥ ``threshold``, within the first few
+    layers") judged on one :class:`ProbeResult`. See :func:`claim1_verdict` for the rules.
+
+    ``first`` is the first layer with accuracy ≥ threshold (None if none), ``early_best`` the most
+    accurate of layers ``1..early``, ``best`` the most accurate layer overall (each with its 95%
+    Wilson CI). ``length_accuracy`` and ``shuffled_max`` are the result's controls.
+    """
+
+    verdict: str
+    threshold: float
+    early: int
+    first: LayerAccuracy | None
+    early_best: LayerAccuracy | None
+    best: LayerAccuracy
+    n: int
+    n_layers: int
+    name: str
+    length_accuracy: float
+    shuffled_max: float
+    embedding_at_chance: bool | None
+    reason: str
+    result: ProbeResult | None = field(default=None, repr=False, compare=False)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.verdict} — {self.reason}"
+
+    def to_frame(self):
+        """One row: name, verdict, threshold, early, first/early-best/best layer with CIs, controls, reason."""
+        import pandas as pd
+
+        row: dict[str, Any] = {"name": self.name, "verdict": self.verdict, "threshold": self.threshold,
+                               "early": self.early, "n": self.n, "n_layers": self.n_layers}
+        for key, la in (("first", self.first), ("early_best", self.early_best), ("best", self.best)):
+            row[f"{key}_layer"] = None if la is None else la.layer
+            row[f"{key}_accuracy"] = np.nan if la is None else la.accuracy
+            row[f"{key}_ci_low"] = np.nan if la is None else la.ci_low
+            row[f"{key}_ci_high"] = np.nan if la is None else la.ci_high
+        row.update(length_accuracy=self.length_accuracy, shuffled_max=self.shuffled_max,
+                   embedding_at_chance=self.embedding_at_chance, reason=self.reason)
+        return pd.DataFrame([row])
+
+    def plot(self, ax=None, others: Sequence[Claim1Verdict] = ()):
+        """Accuracy curve(s) with CI bands, the threshold and the early-layer band. Returns the Figure
+        (drawn by :func:`lens_safety.viz.claim1_figure`)."""
+        from .viz import claim1_figure
+
+        return claim1_figure([self, *others], ax=ax)
+
+
+def _fmt(la: LayerAccuracy) -> str:
+    return f"layer {la.layer} ({la.accuracy:.3f}, 95% CI {la.ci_low:.3f}–{la.ci_high:.3f})"
+
+
+def claim1_verdict(result: ProbeResult, threshold: float = 0.95, early: int | None = None,
+                   name: str | None = None) -> Claim1Verdict:
+    """Judge claim 1 on a 2-way :class:`ProbeResult`: ``"reproduced"``, ``"partly"`` or ``"not reproduced"``.
+
+    ``early`` is the last layer that counts as "the first few layers" (default
+    ``max(2, ceil(n_layers / 4))``: 6 of 24 blocks, as the report's verdict; the paper's
+    Llama-2-7b-chat reached 0.95 at layer 2 of 32). Layer 0 (the embedding output) never counts.
+    The rules, on pooled out-of-fold accuracy:
+
+    - **reproduced**: some layer in ``1..early`` has accuracy ≥ ``threshold``;
+    - **partly**: not that, but a later layer reaches ``threshold``, or no layer does but some
+      layer's 95% CI includes it;
+    - **not reproduced**: no layer reaches ``threshold`` and no layer's CI includes it.
+
+    The reason names the layers with their CIs and adds the length-only and shuffled-label
+    controls; a length-only control near the threshold means the sets differ in length.
+
+    >>> import numpy as np
+    >>> acc = np.array([0.5, 0.8, 0.96, 0.99, 0.99])
+    >>> r = ProbeResult(layers=list(range(5)), metrics={"accuracy": acc, "ci_low": acc - 0.03,
+    ...                 "ci_high": np.minimum(acc + 0.02, 1)}, classes=["harmful", "harmless"],
+    ...                 classifier="svm", task="2-way", n=400, cv=5, seed=0, n_layers=4, chance=0.5)
+    >>> v = claim1_verdict(r, early=2)
+    >>> v.verdict, v.first.layer
+    ('reproduced', 2)
+    >>> claim1_verdict(r, early=1).verdict
+    'partly'
+    """
+    if not isinstance(result, ProbeResult):
+        raise InputError(f"claim1_verdict takes a ProbeResult (from probe_layers), got {type(result).__name__}.")
+    if not 0 < float(threshold) <= 1:
+        raise InputError(f"threshold must be in (0, 1], got {threshold!r}.")
+    if early is None:
+        early = max(2, math.ceil(result.n_layers / 4))
+    if isinstance(early, bool) or not isinstance(early, (int, np.integer)) or not 1 <= early <= result.n_layers:
+        raise InputError(f"early must be a layer in 1..{result.n_layers} (the last 'early' layer), got {early!r}.")
+    early = int(early)
+    m = result.metrics
+    acc, hi = np.asarray(m["accuracy"]), np.asarray(m["ci_high"])
+    rows_early = [i for i, layer in enumerate(result.layers) if 1 <= layer <= early]
+    rows_body = [i for i, layer in enumerate(result.layers) if layer >= 1]
+    first = result.first_layer_above(threshold)
+    if first is not None and first.layer == 0:  # the embedding never counts; look past it
+        later = [i for i, layer in enumerate(result.layers) if layer >= 1 and acc[i] >= threshold]
+        first = result._at(later[0]) if later else None
+    early_best = result._at(max(rows_early, key=lambda i: acc[i])) if rows_early else None
+    best = result.best_layer()
+    body_ci = [i for i in rows_body if hi[i] >= threshold]
+    if first is not None and first.layer <= early:
+        verdict = "reproduced"
+        reason = f"accuracy ≥ {threshold} first at {_fmt(first)}, within layers 1–{early}"
+    elif first is not None or body_ci:
+        verdict = "partly"
+        if first is not None:
+            reason = f"accuracy ≥ {threshold} only from {_fmt(first)}, after layer {early}"
+        else:
+            top = max(body_ci, key=lambda i: acc[i])
+            reason = f"no layer reaches {threshold}, but the CI of {_fmt(result._at(top))} includes it"
+        if early_best is not None:
+            reason += f"; best early layer: {_fmt(early_best)}"
+    else:
+        verdict = "not reproduced"
+        reason = f"no layer reaches {threshold}; best {_fmt(best)}"
+        if early_best is not None:
+            reason += f"; best early layer: {_fmt(early_best)}"
+    length = float(np.nanmax(m["length_accuracy"])) if np.isfinite(m.get("length_accuracy", [np.nan])).any() \
+        else float("nan")
+    shuffled = float(np.nanmax(m["shuffled_accuracy"])) if np.isfinite(m.get("shuffled_accuracy", [np.nan])).any() \
+        else float("nan")
+    notes = []
+    if math.isfinite(length):
+        notes.append(f"length-only control {length:.3f}")
+    if math.isfinite(shuffled):
+        notes.append(f"shuffled labels ≤ {shuffled:.3f}")
+    if notes:
+        reason += " (" + ", ".join(notes) + f"; chance {result.chance:.3f})"
+    return Claim1Verdict(verdict, float(threshold), early, first, early_best, best, result.n, result.n_layers,
+                         name or result.task, length, shuffled, result.embedding_at_chance, reason, result)
 
 
 # -- cross-model comparison ---------------------------------------------------------------------

@@ -438,6 +438,13 @@ _BUILTINS: dict[str, _Builtin] = {
         "Benign prompts that sound dangerous (homonyms like 'kill a process', safety information, "
         "fiction, history): measures over-refusal.",
         functools.partial(_packaged, "borderline.jsonl", "borderline")),
+    "generic": _Builtin(
+        "harmless", "lens_safety", "Apache-2.0",
+        "Paper-style harmless set: 220 generic everyday instructions written for lens_safety (health, food, "
+        "writing, science, technology, travel, home, learning, language, maths, everyday life), "
+        "deliberately NOT matched to HarmBench in topic or form. Probing harmbench against it shows how "
+        "much of claim 1's early-layer separation is topic and form (see probes.claim1_verdict).",
+        functools.partial(_packaged, "generic_harmless.jsonl", "harmless")),
 }
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from .errors import CacheError
 
 __all__ = ["TENSORS", "META", "sha256_file", "sha256_json", "jsonable", "atomic_dir", "write_json_atomic",
-           "read_json", "write_artifact", "read_artifact", "is_artifact"]
+           "write_text_atomic", "read_json", "write_artifact", "read_artifact", "is_artifact"]
 
 TENSORS = "tensors.safetensors"
 META = "meta.json"
@@ -104,6 +104,16 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, checksum: bool = Fal
         doc = dict(doc, content_sha256=sha256_json(doc))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file (UTF-8) through a temporary file and a rename; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
 

@@ -175,6 +175,121 @@ def test_bad_input_errors(tiny):
     assert int(kept.n_tokens[0]) == tiny.n_ctx
 
 
+def test_cache_hit_returns_the_callers_prompts_and_metadata(tiny, home, monkeypatch):
+    first = ls.PromptSet([ls.Prompt(t, "harmful", source="mine", category="a") for t in PROMPTS[:3]], "first")
+    ls.collect_residuals(tiny, first, progress=False)
+    # same texts and labels (same key), other provenance and name
+    second = ls.PromptSet([ls.Prompt(t, "harmful", source="theirs", category="b", meta={"id": i})
+                           for i, t in enumerate(PROMPTS[:3])], "second")
+    monkeypatch.setattr("lens_safety.activations._capture_batch", lambda *a, **k: pytest.fail("cache missed"))
+    hit = ls.collect_residuals(tiny, second, progress=False)
+    assert hit.prompts is second and hit.prompts.name == "second"
+    assert [p.source for p in hit.prompts] == ["theirs"] * 3 and hit.prompts[2].meta == {"id": 2}
+    assert hit.model_name == tiny.name and hit.formatting == tiny.formatting_key()
+
+
+def test_cache_key_covers_truncate_tokenizer_and_versions(tiny, home, monkeypatch):
+    import transformers
+
+    from lens_safety.activations import _cache_key
+
+    ps = ls.PromptSet.from_texts(PROMPTS, label="x")
+    key = _cache_key(tiny, ps, "last", tiny.formatting_key(), False)
+    assert key["truncate"] is False and key["transformers_version"] == transformers.__version__
+    assert "conversion_version" in key and key["tokenizer"]["vocab_sha256"] == tiny.tokenizer_key()["vocab_sha256"]
+    assert key["model_dtype"] == "torch.float32" and key["revision"] is None
+    a = ls.collect_residuals(tiny, PROMPTS, progress=False)
+    ls.collect_residuals(tiny, PROMPTS, progress=False, truncate=True)
+    assert len([p for p in (home / "activations").iterdir() if p.is_dir()]) == 2
+    other_tok = dict(tiny.tokenizer_key(), vocab_sha256="0" * 64)
+    monkeypatch.setattr(tiny, "_tokenizer_key", other_tok)
+    b = ls.collect_residuals(tiny, PROMPTS, progress=False)
+    assert len([p for p in (home / "activations").iterdir() if p.is_dir()]) == 3
+    assert torch.equal(a.values, b.values)
+
+
+def test_concat_refuses_mismatched_formatting_positions_dtype_revision(tiny):
+    import dataclasses
+
+    from lens_safety.errors import ModelMismatchError
+
+    chat = ls.collect_residuals(tiny, PROMPTS[:2], cache=False, progress=False)
+    raw = ls.collect_residuals(tiny, PROMPTS[2:], cache=False, progress=False, chat=False)
+    system = ls.collect_residuals(tiny, PROMPTS[2:], cache=False, progress=False, system="Be terse.")
+    k2 = ls.collect_residuals(tiny, PROMPTS[2:], cache=False, progress=False, positions=2)
+    with pytest.raises(InputError, match="chat formatting True vs False"):
+        Residuals.concat([chat, raw])
+    with pytest.raises(InputError, match="system prompt None vs 'Be terse.'"):
+        chat + system
+    with pytest.raises(InputError, match="positions='last' with positions=2"):
+        chat + k2
+    with pytest.raises(ModelMismatchError, match="bfloat16"):
+        chat + dataclasses.replace(chat, model_dtype="torch.bfloat16")
+    with pytest.raises(ModelMismatchError, match="revision"):
+        chat + dataclasses.replace(chat, revision="abc123")
+    other_template = dataclasses.replace(chat, formatting=dict(chat.formatting, template_sha256="0" * 64))
+    with pytest.raises(InputError, match="chat template"):
+        chat + other_template
+    both = chat + ls.collect_residuals(tiny, PROMPTS[2:], cache=False, progress=False)
+    assert len(both) == len(PROMPTS) and both.model_dtype == "torch.float32"
+
+
+def test_mean_with_truncate_averages_the_kept_user_tokens(tiny, monkeypatch):
+    p = "Explain how the Enigma machine was broken, step by step, for a history class."
+    (text,) = tiny.format([p])
+    full_ids = tiny.tokenizer(text, add_special_tokens=False)["input_ids"]
+    (s, e), = tiny.user_token_spans([p], [text])
+    drop = s + 3  # truncation drops the template's start and the first 3 tokens of the text
+    n_ctx = len(full_ids) - drop
+    assert s < drop < e
+    monkeypatch.setattr(tiny.bridge.cfg, "n_ctx", n_ctx)
+    got = ls.collect_residuals(tiny, [p], positions="mean", truncate=True, cache=False, progress=False).values[0]
+    ids = torch.tensor([full_ids[-n_ctx:]])
+    _, cache = tiny.bridge.run_with_cache(ids, attention_mask=torch.ones_like(ids))
+    full = torch.stack([cache[tiny.resid_hook_name(layer)][0] for layer in range(tiny.n_layers + 1)])
+    kept = full[:, 0:e - drop]  # the user's tokens that survived truncation, now starting at 0
+    torch.testing.assert_close(got, kept.mean(1), rtol=1e-5, atol=1e-6)
+    shifted_wrong = full[:, s:e].mean(1)  # what the old code averaged
+    assert not torch.allclose(got, shifted_wrong, atol=1e-3)
+    monkeypatch.setattr(tiny.bridge.cfg, "n_ctx", len(full_ids) - e)  # nothing of the text is left
+    with pytest.raises(InputError, match="removed all of its text"):
+        ls.collect_residuals(tiny, [p], positions="mean", truncate=True, cache=False, progress=False)
+
+
+def test_non_finite_activations_raise_naming_the_layer():
+    from lens_safety.activations import NonFiniteActivationError
+
+    m = ls.testing.tiny_model(seed=5)
+    with torch.no_grad():
+        m.bridge.blocks[1].mlp.out.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteActivationError, match=r"residual layer 2 \(blocks.1.hook_resid_post\)"):
+        ls.collect_residuals(m, PROMPTS, cache=False, progress=False)
+
+
+def test_mmap_load_equals_in_ram_and_is_copy_on_write(tiny, home):
+    acts = ls.collect_residuals(tiny, PROMPTS, progress=False, mmap=True)
+    entry = _entry(home)
+    ram = Residuals.load(entry)
+    assert torch.equal(acts.values, ram.values) and acts.prompts.texts == PROMPTS
+    acts.values[0, 0, 0] += 1.0  # copy-on-write: the cache file is untouched
+    again = Residuals.load(entry, mmap=True)
+    assert torch.equal(again.values, ram.values)
+    with pytest.raises(InputError, match="mmap=True"):
+        ls.collect_residuals(tiny, PROMPTS, progress=False, cache=False, mmap=True)
+
+
+def test_residuals_keep_float32_and_record_dtype(tiny, tmp_path):
+    acts = ls.collect_residuals(tiny, PROMPTS, cache=False, progress=False)
+    assert acts.values.dtype == torch.float32 and acts.model_dtype == "torch.float32"
+    acts.save(tmp_path / "r")
+    meta = json.loads((tmp_path / "r" / "meta.json").read_text())
+    assert meta["kind"] == "residuals" and meta["model_dtype"] == "torch.float32" and "content_sha256" in meta
+    meta["model_dtype"] = "torch.float16"  # an edit without the checksum is caught
+    (tmp_path / "r" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="sha256"):
+        Residuals.load(tmp_path / "r")
+
+
 # -- the real default model --------------------------------------------------------------
 
 REAL_PROMPTS = [

@@ -172,6 +172,13 @@ def test_emergence_layer():
     ("un", "neutral"), ("sor", "neutral"), ("can", "neutral"), (" ill", "neutral"), (" again", "neutral"),
     (" No", "refusal"), (" Sure", "positive"), ("Certainly", "positive"), (" welcome", "positive"),
     (" hello", "positive"), (" hell", "neutral"), ("抱歉", "refusal"), (" the", "neutral"), ("", "neutral"),
+    # issue 10 §5: heads of lexicon words that are words (or names) of their own
+    (" certain", "neutral"), (" Certain", "neutral"), (" definite", "neutral"), (" Fanta", "neutral"),
+    ("wonde", "neutral"), (" offens", "neutral"), (" offen", "neutral"), (" absolute", "neutral"),
+    (" fantas", "neutral"), ("irres", "neutral"),
+    # ...while the real truncated stems still match
+    (" certainly", "positive"), (" definitely", "positive"), (" fantast", "positive"), (" offensive", "refusal"),
+    (" illeg", "refusal"), (" unlaw", "refusal"),
 ])
 def test_lexicon_matching(piece, cat):
     assert Lexicon.default().category_of(piece) == cat
@@ -222,7 +229,7 @@ def test_bad_input(tiny, acts):
 def test_graft_own_state_changes_nothing(tiny, acts):
     harmful = acts.subset([3, 4, 5])
     res = graft(tiny, harmful.prompts, harmful.values, generate=False, batch_size=2)
-    assert res.layers == list(range(tiny.n_layers + 1))
+    assert res.layers == list(range(tiny.n_layers))  # the final residual layer is left out by default
     assert float(res.delta.abs().max()) < 1e-5
     assert float(res.before.abs().min()) > 1e-3  # the score itself is not trivially zero
 
@@ -353,3 +360,181 @@ def test_real_lexicon_on_qwen_tokenizer(real_model):
     pieces = tok("ologize", add_special_tokens=False)["input_ids"]
     assert not set(pieces) & (refusal | positive)
     assert 50 < len(refusal) < 400 and 50 < len(positive) < 400
+
+
+# -- issue 10 §5: consistency keys, NaN/inf, donor checks ---------------------------------------------------
+
+def test_consistency_text_key_falls_back_to_id_for_empty_and_replacement_pieces():
+    # Three distinct byte tokens that all decode to U+FFFD, and two whitespace tokens that
+    # normalise to "": by text they would merge into one "token" present in every prompt.
+    tokens = [[["\ufffd", " a"]], [["\ufffd", " b"]], [["\n", " c"]], [["  ", " a"]]]
+    tok = np.array(tokens, dtype=object)
+    ids = torch.tensor([[[10, 1]], [[11, 2]], [[20, 3]], [[21, 1]]])
+    lex = Lexicon.default()
+    cats = np.vectorize(lex.category_of, otypes=[object])(tok)
+    ps = ls.PromptSet([ls.Prompt(f"p{i}", label="s") for i in range(4)])
+    lens = LensResult(ids, torch.full((4, 1, 2), 0.1), tok, cats, torch.full((4, 1, 3), 1 / 3), lex.names, ps,
+                      "hand", "h", lex)
+    c = lens.consistency(by=None, n_top=3)
+    # before the fix: "" (3 prompts) or "\ufffd" (2) won with 0.75; now " a" (2 prompts) leads
+    assert c.loc[0, "consistency"] == 0.5 and c.loc[0, "token"] == "a" and c.loc[0, "count"] == 2
+    assert sorted(n for _, n in c.loc[0, "top_tokens"]) == [1, 1, 2]
+    # the same token id twice is still one token
+    ids2 = ids.clone()
+    ids2[1, 0, 0] = 10
+    lens2 = replace(lens, top_ids=ids2)
+    c2 = lens2.consistency(by=None)
+    assert c2.loc[0, "count"] == 2 and c2.loc[0, "top_tokens"][0][1] == 2
+
+
+def test_lens_refuses_nan_and_inf(tiny, acts):
+    bad = acts.values.clone()
+    bad[2, 1, 5] = float("nan")
+    with pytest.raises(InputError, match="NaN/inf"):
+        logit_lens(tiny, replace(acts, values=bad))
+    bad[2, 1, 5] = float("inf")
+    with pytest.raises(InputError, match="NaN/inf"):
+        logit_lens(tiny, replace(acts, values=bad))
+
+
+def test_graft_refuses_nan_donor(tiny, acts):
+    donor = acts.values[:3].mean(0).clone()
+    donor[1, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN/inf"):
+        graft(tiny, HARMFUL, donor, layers=[1], generate=False)
+    donor[1, 0] = float("inf")
+    with pytest.raises(InputError, match="donor state at layer 1"):
+        graft(tiny, HARMFUL, donor, layers=[1], generate=False)
+    # another layer of the donor is fine
+    assert graft(tiny, HARMFUL, donor, layers=[2], generate=False).after.isfinite().all()
+
+
+def test_graft_donor_formatting_and_positions_must_match(tiny, prompts):
+    raw = ls.collect_residuals(tiny, prompts, cache=False, progress=False, chat=False)
+    with pytest.raises(InputError, match="formatted differently.*chat"):
+        graft(tiny, HARMFUL, raw, layers=[1], donor_label="harmless", generate=False)
+    assert graft(tiny, HARMFUL, raw, layers=[1], donor_label="harmless", generate=False, chat=False).layers == [1]
+    sysd = ls.collect_residuals(tiny, prompts, cache=False, progress=False, system="Be brief.")
+    with pytest.raises(InputError, match="system"):
+        graft(tiny, HARMFUL, sysd, layers=[1], donor_label="harmless", generate=False)
+    mean_pos = ls.collect_residuals(tiny, prompts, cache=False, progress=False, positions="mean")
+    with pytest.raises(InputError, match="positions='last'"):
+        graft(tiny, HARMFUL, mean_pos, layers=[1], donor_label="harmless", generate=False)
+
+
+# -- issue 10 §4: honest grafting --------------------------------------------------------------------------
+
+def test_graft_final_layer_never_wins_best_layer(tiny, acts):
+    rt = RefusalTokens.from_tokenizer(tiny.tokenizer)
+    donor = acts.values[:3].mean(0).clone()
+    # Plant a final-layer donor whose own read-out has a hugely negative refusal score: it would win
+    # "largest drop" although the model computed nothing after the graft.
+    cand = torch.randn(256, tiny.d_model, generator=torch.Generator().manual_seed(0)) * 3
+    with torch.no_grad():
+        donor[-1] = cand[int(rt.score(lens_logits(tiny, cand)).argmin())]
+    res = graft(tiny, HARMFUL, donor, layers=list(range(tiny.n_layers + 1)), generate=False)
+    d = res.delta.double().mean(1)
+    assert int(d.argmin()) == tiny.n_layers  # the planted final layer has the largest drop...
+    assert res.best_layer() == int(d[:-1].argmin()) != tiny.n_layers  # ...but is not the best layer
+    f = res.to_frame()
+    assert list(f["final"]) == [False] * tiny.n_layers + [True]
+    assert graft(tiny, HARMFUL, donor, layers=[tiny.n_layers], generate=False).best_layer() is None
+    fig = res.plot()
+    assert len(fig.axes[1].get_lines()[0].get_xdata()) == tiny.n_layers  # the band line omits the final layer
+
+
+def _graft_with(complied: dict, n: int = 4) -> ls.GraftResult:
+    layers = [k for k in complied if k is not None]
+    ps = ls.PromptSet.from_texts([f"r{i}" for i in range(n)], label="harmful")
+    return ls.GraftResult(layers, torch.zeros(n), torch.zeros(len(layers), n), ps, "hand", "d",
+                          completions={k: [""] * n for k in complied}, complied=complied, final_layer=max(layers))
+
+
+def test_earliest_compliance_layer_with_wilson_ci():
+    from lens_safety.stats import wilson_interval
+
+    res = _graft_with({None: [False, False, False, True, False],
+                       1: [True, False, False, True, False],      # 1/4 refused flip
+                       2: [True, True, False, True, False],       # 2/4: not a majority
+                       3: [True, True, True, True, False],        # 3/4: earliest majority
+                       4: [True, True, True, True, True],         # more, but later
+                       5: [True] * 5}, n=5)                       # final layer: excluded
+    e = res.earliest_compliance_layer()
+    lo, hi = wilson_interval(3, 4)
+    assert (e["layer"], e["n_flipped"], e["n_refused"]) == (3, 3, 4)
+    assert e["frac"] == 0.75 and e["ci_low"] == pytest.approx(float(lo)) and e["ci_high"] == pytest.approx(float(hi))
+    assert e["ci_low"] == pytest.approx(0.3006, abs=1e-3)  # Wilson 3/4 at 95%: 0.301-0.954
+    f = res.to_frame().set_index("layer")
+    assert f.loc[2, "n_flipped"] == 2 and f.loc[2, "n_refused_before"] == 4 and f.loc[2, "frac_flipped"] == 0.5
+    assert f.loc[1, "n_complied"] == 2  # counted over all prompts
+    # only the final layer reaches a majority: no earliest layer, the most flips reported
+    only_final = _graft_with({None: [False] * 4, 1: [True, False, False, False], 2: [True] * 4})
+    e2 = only_final.earliest_compliance_layer()
+    assert e2["layer"] is None and e2["most_flips_layer"] == 1 and e2["n_flipped"] == 1
+    assert only_final.summary()["earliest_compliance"]["layer"] is None
+    with pytest.raises(InputError, match="generate=True"):
+        replace(res, complied={}).earliest_compliance_layer()
+
+
+def test_graft_takes_a_pluggable_judge(tiny, acts):
+    calls = []
+
+    def judge(texts):  # refuses the ungrafted replies, accepts every grafted one
+        calls.append(list(texts))
+        return [len(calls) == 1] * len(texts)
+
+    harmful = acts.subset([3, 4, 5])
+    res = graft(tiny, harmful.prompts, acts.values[:3].mean(0), layers=[1, 2], max_new_tokens=2, judge=judge)
+    assert len(calls) == 3 and all(len(c) == 3 for c in calls)
+    assert res.complied[None] == [False] * 3 and res.complied[1] == [True] * 3
+    assert res.earliest_compliance_layer()["layer"] == 1 and "judge" in res.judge
+    with pytest.raises(InputError, match="judge"):
+        graft(tiny, harmful.prompts, acts.values[:3].mean(0), layers=[1], max_new_tokens=1, judge=42)
+    # the default judge: an empty reply is not compliance
+    from lens_safety.judges import default_judge
+
+    default = graft(tiny, harmful.prompts, acts.values[:3].mean(0), layers=[1], max_new_tokens=2)
+    assert default.judge == default_judge(tiny).identity
+    outcomes = default_judge(tiny).outcomes(default.completions[1], [p.text for p in harmful.prompts])
+    assert default.complied[1] == [o == "complied" for o in outcomes]
+
+    def short(texts):
+        return [True]
+
+    with pytest.raises(InputError, match="verdicts"):
+        graft(tiny, harmful.prompts, acts.values[:3].mean(0), layers=[1], max_new_tokens=1, judge=short)
+
+
+def test_lens_result_plots_on_given_axes(tiny, acts, tiny_lex):
+    from lens_safety import viz
+
+    lens = logit_lens(tiny, acts, top_k=2, lexicon=tiny_lex)
+    fig, axes = viz.new_figure(1, 2)
+    out = lens.plot("mass", ax=axes[0])
+    assert out is fig
+    cm = lens.category_mass()
+    y = cm[(cm.label == "harmful") & (cm.category == "refusal")]["mean"].to_numpy()
+    assert np.allclose(axes[0][0].get_lines()[1].get_ydata(), y)
+    fig2, ax2 = viz.figure_axes()
+    assert lens.plot("heatmap", prompt=0, ax=ax2) is fig2 and len(ax2.texts) == 4 * 2
+    with pytest.raises(InputError, match="2 panels"):
+        lens.plot("mass", ax=ax2)
+
+
+def test_refusal_score_per_layer(tiny, acts):
+    rt = RefusalTokens.from_tokenizer(tiny.tokenizer)
+    lens = logit_lens(tiny, acts, top_k=2)
+    ref = rt.score(lens_logits(tiny, acts.values))  # [n, layer]
+    assert float((lens.refusal_score - ref).abs().max()) < 1e-5
+    f = lens.refusal_score_frame()
+    r = f[(f.label == "harmful") & (f.layer == 2)].iloc[0]
+    assert r.score == pytest.approx(float(ref[3:, 2].double().mean()), abs=1e-6) and r.n == 3
+    # planted scores: harmful above harmless with disjoint CIs from layer 2 on
+    planted = torch.zeros(6, tiny.n_layers + 1)
+    planted[:3] = torch.tensor([0.0, 0.1, -0.1])[:, None]
+    planted[3:, 2:] = torch.tensor([5.0, 5.1, 4.9])[:, None]
+    planted[3:, :2] = torch.tensor([0.05, -0.05, 0.0])[:, None]
+    assert replace(lens, refusal_score=planted).score_separation_layer() == 2
+    assert replace(lens, refusal_score=planted).score_separation_layer("harmless", "harmful") is None
+    with pytest.raises(InputError, match="no refusal scores"):
+        replace(lens, refusal_score=None).refusal_score_frame()

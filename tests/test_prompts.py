@@ -159,7 +159,7 @@ def test_unknown_set_name_lists_known():
     with pytest.raises(UnknownNameError) as e:
         P.load_prompts("advbench")
     msg = str(e.value)
-    assert "'advbench'" in msg and all(n in msg for n in ("harmbench", "harmless", "borderline"))
+    assert "'advbench'" in msg and all(n in msg for n in ("harmbench", "harmless", "borderline", "generic"))
     with pytest.raises(KeyError):  # UnknownNameError is also a KeyError
         P.load_prompts("nope")
 
@@ -216,19 +216,19 @@ def _norm(t: str) -> str:
 
 
 def test_builtin_sizes_no_duplicates_no_overlap():
-    hb, hl, bl = (P.load_prompts(n) for n in ("harmbench", "harmless", "borderline"))
-    assert len(hl) >= 300 and len(bl) >= 100
-    for ps in (hl, bl):
+    hb, hl, bl, ge = (P.load_prompts(n) for n in ("harmbench", "harmless", "borderline", "generic"))
+    assert len(hl) >= 300 and len(bl) >= 100 and len(ge) == 220
+    for ps in (hl, bl, ge):
         norm = [_norm(t) for t in ps.texts]
         assert len(set(norm)) == len(norm)
-    a, b, c = ({_norm(t) for t in ps.texts} for ps in (hb, hl, bl))
-    assert not a & b and not a & c and not b & c
+    sets = [{_norm(t) for t in ps.texts} for ps in (hb, hl, bl, ge)]
+    assert all(not sets[i] & sets[j] for i in range(4) for j in range(i + 1, 4))
 
 
 def test_our_sets_provenance_and_categories():
-    for name in ("harmless", "borderline"):
+    for name, label in (("harmless", "harmless"), ("borderline", "borderline"), ("generic", "harmless")):
         ps = P.load_prompts(name)
-        assert set(ps.labels) == {name}
+        assert set(ps.labels) == {label} and ps.name == name
         assert {p.licence for p in ps} == {"Apache-2.0"} and {p.source for p in ps} == {"lens_safety"}
         assert all(p.category for p in ps)
     topics = {p.category for p in P.load_prompts("harmless")}
@@ -243,6 +243,21 @@ def test_harmless_matches_harmbench_in_form():
     share = sum(t.split()[0] in verbs for t in hl.texts) / len(hl)
     assert share >= 0.9
 
+
+def test_generic_set_is_paper_style_not_matched():
+    """The generic set is the paper-style control: everyday topics, short, not HarmBench's form."""
+    hb, ge = P.load_prompts("harmbench"), P.load_prompts("generic")
+    def share(ps):  # HarmBench's two dominant openings
+        return sum(t.split()[0] in ("Write", "Give") for t in ps.texts) / len(ps)
+
+    assert share(hb) > 0.7 and share(ge) < 0.3  # generic: questions and other verbs ("How", "Suggest"...)
+    cats = {p.category for p in ge}
+    assert cats == {"health", "food", "writing", "science", "technology", "travel", "home", "learning", "language",
+                    "math", "everyday"}
+    assert all(len(ge.filter(category=c)) == 20 for c in cats)
+    assert ge[0].text == "Give three tips for staying healthy."
+    rep = P.length_report("harmbench", "generic")
+    assert rep.loc["generic", "mean"] < 0.7 * rep.loc["harmbench", "mean"]  # shorter: a length confound
 
 
 def test_length_report_values_and_match():
@@ -264,11 +279,12 @@ def test_length_report_values_and_match():
 
 def test_prompt_sets_catalogue():
     cat = P.prompt_sets()
-    assert [s.name for s in cat] == ["harmbench", "harmless", "borderline"]
+    assert [s.name for s in cat] == ["harmbench", "harmless", "borderline", "generic"]
     for s in cat:
         assert s.n == len(P.load_prompts(s.name)) and s.source and s.licence and s.description
     frame = cat.to_frame()
-    assert list(frame["name"]) == ["harmbench", "harmless", "borderline"]
+    assert list(frame["name"]) == ["harmbench", "harmless", "borderline", "generic"]
+    assert frame.set_index("name").loc["generic", "n"] == 220
     assert frame.set_index("name").loc["harmbench", "licence"] == "MIT"
 
 
@@ -296,4 +312,9 @@ def test_existing_api_still_works():
     assert both.requests == both.texts
     tr, te = both.split(test_size=0.5, seed=0)
     assert len(tr) + len(te) == 6
-    assert both.sample(3, seed=1) == both.sample(3, seed=1)
+    # sample: random.Random(seed).sample of the indices, kept in order; other seeds give other subsets
+    import random
+
+    picked = both.sample(3, seed=1)
+    assert picked.texts == [both[i].text for i in sorted(random.Random(1).sample(range(6), 3))]
+    assert len(set(picked.texts)) == 3 and {both.sample(3, seed=s).hash() for s in range(6)} != {picked.hash()}

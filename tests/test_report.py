@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import lens_safety as ls
-from lens_safety.errors import InputError
+from lens_safety import report as rep
+from lens_safety.errors import CacheError, InputError
 from lens_safety.htmlreport import HtmlDocument, circuitsvis_bundle, safe_json
 from lens_safety.report import run_pipeline
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def render_dom(path: Path) -> str:
-    """The DOM after scripts ran, from headless Chromium with the network unused."""
-    profile = tempfile.mkdtemp()
-    out = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-         "--virtual-time-budget=8000", "--dump-dom", path.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120)
-    shutil.rmtree(profile, ignore_errors=True)
-    return out.stdout
 
 
 def test_safe_json_cannot_close_a_script():
@@ -48,6 +34,22 @@ def test_document_escapes_text_and_tables():
     assert "http://" not in page and "https://" not in page  # nothing loads from a URL
 
 
+def test_table_shows_chosen_columns_and_the_full_table_collapsed():
+    frame = pd.DataFrame({"layer": [0, 1], "accuracy": [0.5, 0.97], "wide_extra": ["<x>", "y"]})
+    doc = HtmlDocument("t")
+    doc.table(frame, "cap", columns=["layer", "accuracy"])
+    page = doc.render()
+    shown, full = page.split("<details>")
+    assert "wide_extra" not in shown and "0.970" in shown
+    assert "<summary>Full table (3 columns)</summary>" in full and "wide_extra" in full and "&lt;x&gt;" in full
+    with pytest.raises(KeyError, match="nope"):
+        doc.table(frame, columns=["nope"])
+    folded = HtmlDocument("t")
+    folded.table(frame, "all <columns>", collapsed=True)
+    part = folded.render().split("<body>")[1]
+    assert "<details><summary>all &lt;columns&gt;</summary><figure><table" in part and "wide_extra" in part
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
@@ -66,14 +68,63 @@ def test_pipeline_writes_every_output(tiny_run):
     assert (out / "report.html").is_file() and (out / "metrics.json").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["provenance"]["weights_hash"] == model.weights_hash
-    assert metrics["headline"]["model"] == model.name
+    assert metrics["headline"]["model"] == model.name and metrics["headline"]["n_layers"] == model.n_layers
     tables = {p.stem for p in (out / "tables").glob("*.csv")}
-    assert {"prompt_sets", "probes_2way", "probes_transfer", "lens_category_mass"} <= tables
+    assert {"prompt_sets", "probes_2way", "probes_2way_generic", "probes_transfer", "lens_category_mass",
+            "lens_kl", "judge_agreement"} <= tables
     assert {p.stem for p in (out / "figures").glob("*.png")} >= {"probes_2way", "lens_category_mass"}
-    probes = json.loads((out / "stages" / "probes" / "stage.json").read_text())["metrics"]
-    assert 0.0 <= probes["layer0_accuracy"] <= 1.0
-    # random tiny model: nothing is refused, so patching is skipped with a reason
+    _, meta = ls.store.read_artifact(out / "stages" / "probes", kind=rep.STAGE_KIND, schema_version=rep.STAGE_SCHEMA)
+    assert meta["metrics"] == metrics["stages"]["probes"] and set(metrics["stage_keys"]) == set(rep.STAGES)
+    # random tiny model: nothing is refused, so patching is skipped with a reason, and claim 3 is not measured
     assert metrics["skipped"].get("patching")
+    assert metrics["verdicts"]["claim3"]["status"] == "not measured"
+    assert set(metrics["verdicts"]) == {"claim1", "claim1_generic", "claim2", "claim3"}
+    assert "--directions" in metrics["skipped"]["directions"]  # opt-in stage, said so in the report
+    assert {v["status"] for v in metrics["verdicts"].values()} <= {"reproduced", "partly", "not reproduced",
+                                                                    "not measured"}
+
+
+def _first_emergence(mass: pd.DataFrame, label: str, min_mass: float = 0.01):
+    f = mass[mass["label"] == label].pivot(index="layer", columns="category", values="mean")
+    hits = f.index[(f["refusal"] > f["positive"]) & (f["refusal"] > min_mass)]
+    return int(hits[0]) if len(hits) else None
+
+
+def test_metrics_match_the_stage_tables(tiny_run):
+    """metrics.json is cross-checked against the CSV tables it was computed from."""
+    _, out, _ = tiny_run
+    m = json.loads((out / "metrics.json").read_text())
+    h = m["headline"]
+    probes = pd.read_csv(out / "tables" / "probes_2way.csv")
+    assert h["probe_layer0_accuracy"] == pytest.approx(float(probes.loc[probes.layer == 0, "accuracy"].iloc[0]))
+    best = probes.loc[probes["accuracy"].idxmax()]
+    assert h["probe_best"]["layer"] == int(best["layer"])
+    assert h["probe_best"]["accuracy"] == pytest.approx(float(best["accuracy"]))
+    above = probes[probes["accuracy"] >= 0.95]
+    assert h["probe_first_layer_095"] == (int(above["layer"].iloc[0]) if len(above) else None)
+    mass = pd.read_csv(out / "tables" / "lens_category_mass.csv")
+    assert h["emergence_layer"] == {lab: _first_emergence(mass, lab) for lab in ("harmless", "harmful", "jailbreak")}
+    rates = pd.read_csv(out / "tables" / "refusal_rates.csv")
+    assert h["refusal_rate"] == {r.set: pytest.approx(r.refusal_rate) for r in rates.itertuples()}
+    pairs = out / "tables" / "pairs.csv"
+    assert h["n_effective_pairs"] == (len(pd.read_csv(pairs)) if pairs.read_text().strip() else 0)
+    generic = pd.read_csv(out / "tables" / "probes_2way_generic.csv")
+    gbest = generic.loc[generic["accuracy"].idxmax()]
+    assert h["probe_best_generic"]["accuracy"] == pytest.approx(float(gbest["accuracy"]))
+    kl = pd.read_csv(out / "tables" / "lens_kl.csv")
+    logit = kl[kl["lens"] == kl["lens"].iloc[0]]
+    assert m["stages"]["lens"]["lens_kl"][logit["lens"].iloc[0]] == {
+        str(int(r.layer)): pytest.approx(r.kl) for r in logit.itertuples()}
+    assert float(logit["kl"].iloc[-1]) == pytest.approx(0.0, abs=1e-5)  # the last layer's readout is the output
+    judges = pd.read_csv(out / "tables" / "judge_agreement.csv")
+    assert m["stages"]["refusal"]["judges"]["agreement"] == {
+        f"{r.judge_a}~{r.judge_b}": pytest.approx(r.agreement) for r in judges.itertuples()}
+    # the verdicts are the verdict functions applied to the same tables
+    assert m["verdicts"]["claim1"] == rep.verdict_claim1(probes, harmless="topic-matched harmless").to_dict()
+    assert m["verdicts"]["claim1_generic"] == rep.verdict_claim1(
+        generic, harmless="paper-style generic harmless").to_dict()
+    assert m["verdicts"]["claim2"] == rep.verdict_claim2(mass, h["emergence_layer"], n_layers=h["n_layers"]).to_dict()
+    assert m["verdicts"]["claim1"]["value"] == pytest.approx(float(best["accuracy"]))  # never reaches 0.95 here
 
 
 def test_rerun_uses_stage_cache(tiny_run, monkeypatch):
@@ -96,19 +147,73 @@ def test_report_html_is_self_contained_and_escaped(tiny_run):
     assert "Content-Security-Policy" in page and "default-src 'none'" in page  # nothing may load anyway
     assert page.count("CircuitsVis.render(") >= 1
     assert "Provenance" in page and "Limits of this run" in page
+    # a verdict box for each claim, and the wide probe table collapsed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert page.count('<div class="verdict ') == len(metrics["verdicts"])
+    assert "Verdict: not reproduced. Harmful vs topic-matched harmless: accuracy never reaches 0.95" in page
+    assert "<details><summary>Full table" in page
     # every prompt that appears is escaped: no raw tag from prompt text survives
     assert "<|im_start|>" not in page
 
 
-@pytest.mark.browser
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
-def test_report_renders_in_headless_chromium(tiny_run):
+def test_corrupt_stage_cache_is_rebuilt(tiny_run, monkeypatch):
+    model, out, first = tiny_run
+    table = out / "stages" / "probes" / "tables" / "probes_2way.csv"
+    text = table.read_text()
+    tampered = re.sub(r"0\.(\d)", lambda mt: "0." + str((int(mt.group(1)) + 1) % 10), text, count=1)
+    assert tampered != text and len(tampered) == len(text)  # a same-size edit
+    table.write_text(tampered)
+    with pytest.raises(CacheError, match="sha256"):
+        rep.StageOutput.load(out / "stages" / "probes", None)
+    (out / "stages" / "lens" / "meta.json").write_text('{"kind": "lens_safety.st')  # truncated
+    calls = []
+    for name in ("stage_probes", "stage_lens", "stage_capture"):
+        real = getattr(rep._Context, name)
+        monkeypatch.setattr(rep._Context, name, lambda self, _r=real, _n=name: (calls.append(_n), _r(self))[1])
+    again = run_pipeline(model, out=out, quick=True, n=8, jailbreaks=["prefix_injection", "few_shot"],
+                         progress=False)
+    assert sorted(calls) == ["stage_lens", "stage_probes"]  # rebuilt; the intact capture stage was reused
+    assert table.read_text() == text  # the rebuilt table equals the original
+    assert again.metrics["stages"] == first.metrics["stages"]
+    assert rep.StageOutput.load(out / "stages" / "lens", again.metrics["stage_keys"]["lens"]).metrics == \
+        first.metrics["stages"]["lens"]
+
+
+def _strip_ids(page: str) -> str:
+    return re.sub(r"cv-[0-9a-f]{12}", "cv-ID", page)
+
+
+def test_report_rerenders_from_cache_without_the_model(tiny_run, monkeypatch, tmp_path):
     _, out, _ = tiny_run
-    dom = render_dom(out / "report.html")
-    assert "Claim 1" in dom and "Limits of this run" in dom
-    # circuitsvis views rendered: the React components replaced the empty placeholder divs
-    assert 'id="cv-view-1" class="cv-view" style="margin:10px 0"></div>' not in dom
-    assert dom.count("<img") >= 3
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    before = _strip_ids((copy / "report.html").read_text())
+    metrics_before = json.loads((copy / "metrics.json").read_text())
+    (copy / "report.html").unlink()
+    monkeypatch.setattr(ls.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert rep.render_report(copy) == copy / "report.html"
+    assert _strip_ids((copy / "report.html").read_text()) == before
+    assert json.loads((copy / "metrics.json").read_text()) == metrics_before
+    # a stage that is not the one metrics.json was made from: a clear error, not a mixed report
+    meta = copy / "stages" / "graft" / "meta.json"
+    meta.write_text(meta.read_text().replace('"key": "', '"key": "x', 1))
+    with pytest.raises(CacheError, match="stage 'graft'"):
+        rep.render_report(copy)
+    with pytest.raises(CacheError, match="does not exist"):
+        rep.render_report(tmp_path / "nothing-here")
+
+
+@pytest.mark.browser
+def test_report_renders_in_headless_chromium(tiny_run, chromium):
+    from conftest import render_page
+
+    _, out, _ = tiny_run
+    page = render_page(chromium, out / "report.html")
+    assert page.console_errors == []
+    n_views = (out / "report.html").read_text().count("CircuitsVis.render(")
+    # every circuitsvis placeholder was replaced by rendered markup
+    assert n_views >= 1 and len(page.views) == n_views and min(page.views.values()) >= 3, page.views
+    assert "Claim 1" in page.dom and "Limits of this run" in page.dom
 
 
 def test_bad_inputs(tmp_path):
@@ -121,16 +226,9 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(InputError, match="Unknown jailbreak"):
         run_pipeline(ls.testing.tiny_model(), out=tmp_path / "o", jailbreaks=["nope"], progress=False)
     with pytest.raises(KeyError, match="Unknown model"):
-        run_pipeline("no-such-model", out=tmp_path / "o", progress=False)
-
-
-def test_cli_reports_errors_cleanly(tmp_path, capsys):
-    from lens_safety.cli import main
-
-    assert main(["run", "--model", "no-such-model", "--out", str(tmp_path / "o")]) == 2
-    assert "Unknown model" in capsys.readouterr().err
-    assert main(["models"]) == 0
-    assert "qwen2.5-coder-0.5b-instruct (default)" in capsys.readouterr().out
+        run_pipeline("no such model!", out=tmp_path / "o", progress=False)
+    with pytest.raises(InputError, match="batch_size must be an integer >= 1"):
+        run_pipeline(ls.testing.tiny_model(), out=tmp_path / "o", batch_size=0, progress=False)
 
 
 def test_base_model_runs_raw_and_skips_refusal_stages(tmp_path, monkeypatch):
@@ -140,7 +238,7 @@ def test_base_model_runs_raw_and_skips_refusal_stages(tmp_path, monkeypatch):
     result = run_pipeline(base, out=tmp_path / "out", quick=True, n=8, jailbreaks=["prefix_injection"],
                           progress=False)
     skipped = result.metrics["skipped"]
-    assert set(skipped) == {"refusal", "pairs", "graft", "patching"}
+    assert set(skipped) == {"refusal", "pairs", "graft", "patching", "directions"}
     assert result.metrics["stages"]["probes"]["layer0_accuracy"] is not None
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["headline"]["attack_success_rate"] is None
     page = (tmp_path / "out" / "report.html").read_text()
@@ -148,3 +246,121 @@ def test_base_model_runs_raw_and_skips_refusal_stages(tmp_path, monkeypatch):
     # raw prompts: the captured residuals were keyed without the chat template
     entry = next((tmp_path / "home" / "activations").iterdir())
     assert json.loads((entry / "meta.json").read_text())["formatting"]["chat"] is False
+
+
+# -- verdicts: pure functions, checked on hand-made tables -----------------------------------------
+
+def _probe_table(acc, half=0.03):
+    acc = [float(a) for a in acc]
+    return pd.DataFrame({"layer": range(len(acc)), "accuracy": acc, "ci_low": [a - half for a in acc],
+                         "ci_high": [min(1.0, a + half) for a in acc]})
+
+
+def test_verdict_claim1_statuses():
+    n = 24  # early layers: 1..6
+    early = rep.verdict_claim1(_probe_table([0.5, 0.8, 0.96] + [0.97] * (n - 2)))
+    assert (early.status, early.layer, early.value) == ("reproduced", 2, 0.96)
+    assert early.ci == pytest.approx((0.93, 0.99)) and "layer 2 of 24" in early.evidence
+    late = rep.verdict_claim1(_probe_table([0.5] + [0.9] * 12 + [0.951] * 12))
+    assert (late.status, late.layer) == ("partly", 13) and "not within the first 6 layers" in late.evidence
+    close = rep.verdict_claim1(_probe_table([0.5] + [0.93] * 24))  # CI high 0.96 covers 0.95
+    assert close.status == "partly" and "CI includes 0.95" in close.evidence
+    never = rep.verdict_claim1(_probe_table([0.5] + [0.8] * 14 + [0.9] + [0.85] * 9))
+    assert (never.status, never.layer, never.value) == ("not reproduced", 15, 0.9)
+    # layer 0 (the embedding) never counts, even at 1.0
+    assert rep.verdict_claim1(_probe_table([1.0] + [0.6] * 24, half=0.01)).status == "not reproduced"
+    assert rep.verdict_claim1(pd.DataFrame()).status == "not measured"
+
+
+def _mass_table(harm, safe, layer=17, n_layers=24):
+    rows = []
+    for label, (m, lo, hi) in (("harmful", harm), ("harmless", safe)):
+        for cat in ("refusal", "positive"):
+            rows.append({"label": label, "layer": layer, "category": cat, "mean": m, "ci_low": lo, "ci_high": hi})
+        rows.append({"label": label, "layer": n_layers, "category": "refusal", "mean": 0, "ci_low": 0, "ci_high": 0})
+    return pd.DataFrame(rows)
+
+
+def test_verdict_claim2_statuses():
+    ok = rep.verdict_claim2(_mass_table((0.108, 0.07, 0.15), (0.026, 0.01, 0.04)), {"harmful": 17, "harmless": None})
+    assert (ok.status, ok.layer, ok.value, ok.ci) == ("reproduced", 17, 0.108, (0.07, 0.15))
+    assert ok.evidence.startswith("refusal mass emerges for harmful prompts at layer 17 of 24 (0.108")
+    overlap = rep.verdict_claim2(_mass_table((0.108, 0.03, 0.15), (0.026, 0.01, 0.04)), {"harmful": 17})
+    assert overlap.status == "partly" and "overlap" in overlap.evidence
+    late = rep.verdict_claim2(_mass_table((0.3, 0.2, 0.4), (0.0, 0.0, 0.01), layer=23), {"harmful": 23})
+    assert late.status == "partly" and "not in the middle layers" in late.evidence
+    both = rep.verdict_claim2(_mass_table((0.3, 0.2, 0.4), (0.0, 0.0, 0.01)), {"harmful": 17, "harmless": 12})
+    assert both.status == "partly" and "harmless prompts emerge as early" in both.evidence
+    assert rep.verdict_claim2(_mass_table((0, 0, 0), (0, 0, 0)), {"harmful": None}).status == "not reproduced"
+
+
+def test_verdict_claim3_statuses():
+    def breaks(layer, lo, hi, noise=(13, 12, 15)):
+        return pd.DataFrame({"component": ["resid_pre", "resid_pre"], "direction": ["denoise", "noise"],
+                             "break_layer": [layer, noise[0]], "ci_low": [lo, noise[1]], "ci_high": [hi, noise[2]]})
+
+    ok = rep.verdict_claim3(breaks(11, 10, 12), 24)
+    assert (ok.status, ok.layer, ok.ci) == ("reproduced", 11, (10.0, 12.0))
+    assert "noise: removes it from block 13 (CI 12-15)" in ok.evidence
+    wide = rep.verdict_claim3(breaks(11, 5, 20), 24)  # CI spans 15 blocks > 24 / 4
+    assert wide.status == "partly"
+    edge = rep.verdict_claim3(breaks(20, 19, 24), 24)  # resampled pairs that never cross count as n_layers
+    assert edge.status == "partly"
+    none = rep.verdict_claim3(breaks(float("nan"), 24, 24), 24)
+    assert none.status == "not reproduced"
+    assert rep.verdict_claim3(None).status == "not measured"
+
+
+def test_readme_table_and_update(tmp_path):
+    metrics = {"headline": {"model": "m", "refusal_rate": {"harmbench": 0.54, "harmless": 0.08},
+                            "probe_best": {"layer": 15, "accuracy": 0.935, "ci_low": 0.906, "ci_high": 0.955},
+                            "probe_first_layer_095": None, "probe_first_layer_095_ci": None,
+                            "break_layers_ci": {"resid_pre/denoise": {"layer": 11, "ci_low": 10, "ci_high": 12}}},
+               "verdicts": {"claim1": {"status": "not reproduced"}},
+               "config": {"quick": False, "n": None, "n_eval": 24}}
+    table = rep.readme_table(metrics)
+    assert "| refusal rate | harmbench 0.540, harmless 0.080 |" in table
+    assert "| 2-way probe, best layer | 15: 0.935 (CI 0.906-0.955) |" in table
+    assert "| 2-way probe, first layer >= 0.95 | never |" in table
+    assert "| break layer resid_pre/denoise | 11 (CI 10-12) |" in table
+    assert "| verdict claim1 | not reproduced |" in table
+    (tmp_path / "m.json").write_text(json.dumps(metrics))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- metrics:begin -->\nold\n<!-- metrics:end -->\n\ntail\n")
+    assert rep.update_readme(tmp_path / "m.json", readme, check=True) is True
+    assert "old" in readme.read_text()  # check only: nothing written
+    assert rep.update_readme(tmp_path / "m.json", readme) is True
+    assert readme.read_text() == f"# x\n\n<!-- metrics:begin -->\n{table}<!-- metrics:end -->\n\ntail\n"
+    assert rep.update_readme(tmp_path / "m.json", readme) is False  # idempotent
+    assert rep._main(["readme", str(tmp_path / "m.json"), str(readme), "--check"]) == 0
+    readme.write_text("no markers")
+    with pytest.raises(InputError, match="metrics:begin"):
+        rep.update_readme(tmp_path / "m.json", readme)
+
+
+def test_directions_stage_is_opt_in_and_explains_a_skip(monkeypatch):
+    from types import SimpleNamespace
+
+    import lens_safety.directions
+
+    ctx = rep._Context.__new__(rep._Context)
+    ctx.aligned, ctx.progress, ctx.model = True, False, SimpleNamespace(n_layers=24)
+    ctx.runner = SimpleNamespace(outputs={"patching": rep.StageOutput(
+        metrics={"break_layers": {"resid_pre/denoise": 11, "resid_pre/noise": 13, "attn_out/denoise": None}})})
+    ctx.cfg = rep._config(True, 8, ["prefix_injection"], 16, 0)
+    assert "--directions" in ctx.stage_directions().skipped
+    ctx.cfg = rep._config(True, 8, ["prefix_injection"], 16, 0, directions=True)
+    monkeypatch.setattr(rep._Context, "jailbroken", lambda self: "JB")
+    seen = {}
+
+    def fake(model, harmful, harmless, borderline, **kw):
+        seen.update(kw, n_harmful=len(harmful))
+        raise InputError("only 2 harmful prompts were refused in the train split")
+
+    monkeypatch.setattr(lens_safety.directions, "directions_stage", fake)
+    out = ctx.stage_directions()
+    assert out.skipped == ("The refusal direction could not be selected on this model: only 2 harmful prompts "
+                           "were refused in the train split")
+    assert seen["break_band"] == (11, 13) and seen["jailbroken"] == "JB" and seen["n_harmful"] == 200
+    assert (seen["n_train"], seen["n_val"], seen["n_eval"]) == (16, 8, 8)
+    assert list(seen["layers"]) == list(range(0, 24, 2))

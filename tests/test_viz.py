@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import tempfile
 
 import numpy as np
 import pytest
@@ -14,7 +11,7 @@ from matplotlib.colors import to_hex
 import lens_safety as ls
 from lens_safety import viz
 from lens_safety.errors import InputError
-from lens_safety.htmlreport import safe_json
+from lens_safety.htmlreport import circuitsvis_bundle, safe_json
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +54,7 @@ def test_views_html_is_offline_and_escaped(lens, tmp_path):
     views = [viz.lens_topk_view(lens, [0, 2]), viz.token_scores_view(["I", "'m", " sorry"], [0.1, -0.5, 0.9])]
     frag = viz.views_html(views, captions=["<b>harmful</b>", "scores & more"])
     assert "&lt;b&gt;harmful&lt;/b&gt;" in frag and "scores &amp; more" in frag and "<b>harmful" not in frag
-    assert frag.count("CircuitsVis.render(") == 2 and frag.count("var CircuitsVis") <= 1  # bundle inlined once
+    assert frag.count("CircuitsVis.render(") == 2 and frag.count(circuitsvis_bundle()) == 1  # bundle inlined once
     assert not re.search(r"<script[^>]+src=", frag)  # no CDN: the bundle is inlined
     assert all(safe_json(v.props) in frag for v in views)
     path = viz.save_views(views, tmp_path / "sub" / "v.html", title="Lens <views>")
@@ -78,31 +75,35 @@ def test_view_props_cannot_close_the_script():
     assert after_bundle.count("<script>") == after_bundle.count("</script>") == 1
 
 
-def _dump_dom(path) -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    with tempfile.TemporaryDirectory() as profile:
-        out = subprocess.run(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
-             f"--user-data-dir={profile}", "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
-             "--virtual-time-budget=5000", "--dump-dom", path.as_uri()],
-            capture_output=True, text=True, timeout=120)
-    return out.stdout
-
-
 @pytest.mark.browser
-@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")
-                         or shutil.which("google-chrome")), reason="chromium is not installed")
-def test_views_render_offline_in_chromium(lens, tmp_path):
+def test_views_render_offline_in_chromium(lens, tmp_path, chromium):
+    from conftest import render_page
+
     tokens = ["Refusal", "marker", "QzxTOKEN"]
     views = [viz.token_scores_view(tokens, [0.9, -0.2, 0.5]), viz.lens_topk_view(lens, [1])]
     path = viz.save_views(views, tmp_path / "views.html", title="render check")
-    dom = _dump_dom(path)
-    body = re.sub(r"<script.*?</script>", "", dom, flags=re.S)
+    page = render_page(chromium, path)
+    assert page.console_errors == []
+    # every circuitsvis placeholder was replaced by rendered markup
+    assert len(page.views) == 2 and all(n >= 3 for n in page.views.values()), page.views
+    body = re.sub(r"<script.*?</script>", "", page.dom, flags=re.S)
     # the React components rendered: coloured token spans and the top-k table with a lens token
     assert "QzxTOKEN" in body and 'class="colored-tokens"' in body
     assert "<table" in body and "Lens probability" in body
     assert re.sub(r"\s+", "", str(lens.tokens[1, 0, 0])) in re.sub(r"\s+", "", body.replace("&amp;", "&"))
+
+
+@pytest.mark.browser
+def test_browser_check_detects_a_broken_view(tmp_path, chromium):
+    """The render check can fail: a view of an unknown component renders nothing and logs an error."""
+    from conftest import render_page
+
+    from lens_safety.htmlreport import OfflineView
+
+    path = viz.save_views([OfflineView("NoSuchComponent", {"tokens": ["a"]})], tmp_path / "broken.html")
+    page = render_page(chromium, path)
+    assert list(page.views.values()) == [0]
+    assert page.console_errors
 
 
 def test_trajectory_view_values_and_escaping(lens):
@@ -117,3 +118,20 @@ def test_trajectory_view_values_and_escaping(lens):
     assert viz._display("a\u200bb") == "a\\u200bb"
     with pytest.raises(InputError):
         viz.lens_trajectory_view(lens, 99)
+
+
+def test_missing_browser_fails_in_ci(tmp_path):
+    """conftest turns a browser skip into a failure when CI is set (so CI cannot pass without the check)."""
+    import os
+    import subprocess
+    import sys
+
+    test = "tests/test_viz.py::test_browser_check_detects_a_broken_view"
+    root = __import__("pathlib").Path(__file__).parent.parent
+    runs = {}
+    for ci in ("1", ""):
+        env = dict(os.environ, CHROMIUM=str(tmp_path / "no-such-chromium"), CI=ci)
+        runs[ci] = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                                  cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert runs["1"].returncode == 1 and "browser test skipped in CI" in runs["1"].stdout
+    assert runs[""].returncode == 0 and "1 skipped" in runs[""].stdout
