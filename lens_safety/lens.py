@@ -250,7 +250,7 @@ def _check_finite(t: Tensor, what: str) -> None:
 def lens_logits(model, resid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
     """Decode raw residual-stream vectors: ``unembed(final_norm(resid))`` (the norm applied once)."""
     shape = resid.shape
-    x = resid.reshape(1, -1, shape[-1]).to(device=model.device, dtype=model.dtype)
+    x = resid.reshape(1, -1, shape[-1]).to(device=model.output_device, dtype=model.dtype)
     with torch.no_grad():
         logits = model.unembed(model.final_norm(x))
     return logits.reshape(*shape[:-1], logits.shape[-1])
@@ -545,7 +545,7 @@ def logit_lens(model, residuals, top_k: int = 5, lexicon: Lexicon | None = None,
     cat = torch.full((vocab,), len(names) - 1, dtype=torch.long)
     m = min(vocab, cat_np.size)
     cat[:m] = torch.from_numpy(cat_np[:m])
-    onehot = torch.nn.functional.one_hot(cat, len(names)).to(device=model.device, dtype=torch.float32)
+    onehot = torch.nn.functional.one_hot(cat, len(names)).to(device=model.output_device, dtype=torch.float32)
 
     from .refusal import RefusalTokens
 

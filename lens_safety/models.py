@@ -155,6 +155,15 @@ class SafetyModel:
         return self._embedding_param().device
 
     @property
+    def output_device(self) -> torch.device:
+        """Device of the final norm and the unembedding (the last device of a ``device_map`` split):
+        the lens decodes there."""
+        for module in (self.bridge.unembed, self.bridge.ln_final):
+            for p in module.parameters():
+                return p.device
+        return self.device
+
+    @property
     def dtype(self) -> torch.dtype:
         """The dtype of the weights (``torch.float32``, ``torch.bfloat16`` or ``torch.float16``)."""
         return self._embedding_param().dtype
