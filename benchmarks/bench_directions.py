@@ -2,7 +2,7 @@
 
 Two steps, so each fits a shared 2-core machine (the second reuses the first's direction):
 
-    python benchmarks/bench_directions.py select --out OUT [--n-train 32 --n-val 16 --layers 3,6,9,12,15,18]
+    python benchmarks/bench_directions.py select --out OUT [--n-train 128 --n-val 32 --layers 10,11,12]
     python benchmarks/bench_directions.py effects --out OUT [--n-eval 32 --max-new-tokens 24]
 
 ``select`` writes OUT/direction (safetensors + JSON), OUT/candidates.csv, OUT/selection.png and
@@ -166,12 +166,12 @@ def main(argv=None) -> None:
     p.add_argument("step", choices=["select", "effects"])
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None)
-    p.add_argument("--n-train", type=int, default=32)
-    p.add_argument("--n-val", type=int, default=16)
+    p.add_argument("--n-train", type=int, default=128)
+    p.add_argument("--n-val", type=int, default=32)
     p.add_argument("--min-per-split", type=int, default=4)
-    p.add_argument("--layers", default="3,6,9,12,15,18")
-    p.add_argument("--screen", type=int, default=4, help="harmful val prompts of the screening pass (0: none)")
-    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--layers", default="", help="comma-separated residual layers (default: every layer < 0.8 depth)")
+    p.add_argument("--screen", type=int, default=8, help="harmful val prompts of the screening pass (0: none)")
+    p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--coeffs", default="1,1.5,2,3,4", help="addition coefficients tried on validation")
     p.add_argument("--seed", type=int, default=0)

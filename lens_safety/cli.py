@@ -381,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "selection (default: harmbench)")
     orth.add_argument("--harmless", default="harmless", metavar="SET", help="built-in harmless set for the "
                       "selection (default: harmless)")
-    orth.add_argument("--n-train", type=_int_at_least(4, "--n-train"), default=64, metavar="N",
-                      help="prompts per class for the difference of means (default: 64)")
+    orth.add_argument("--n-train", type=_int_at_least(4, "--n-train"), default=128, metavar="N",
+                      help="prompts per class for the difference of means (default: 128)")
     orth.add_argument("--n-val", type=_int_at_least(4, "--n-val"), default=32, metavar="N",
                       help="prompts per class for choosing among candidates (default: 32)")
     orth.set_defaults(func=_cmd_orthogonalize)

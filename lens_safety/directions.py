@@ -324,18 +324,24 @@ def _rows_add(V: Tensor):
 
 @torch.no_grad()
 def _batched_logits(model: SafetyModel, enc: dict[str, Tensor], n_cand: int, kind: str, vectors: Tensor,
-                    layers: Sequence[int], batch_size: int) -> Tensor:
+                    layers: Sequence[int], batch_size: int, desc: str | None = None) -> Tensor:
     """Last-position logits ``[n_cand, n_prompts, d_vocab]`` with each candidate's intervention.
 
     Copies of the prompt batch are stacked, one per candidate (as activation patching does): every
     forward runs up to ``batch_size`` rows, each with its own ablated (``kind="ablate"``: ``vectors``
-    are unit) or added (``kind="add"``: at residual layer ``layers[c]``) vector.
+    are unit) or added (``kind="add"``: at residual layer ``layers[c]``) vector. ``desc``: show a
+    progress bar (candidate x prompt rows) with this label.
     """
     ids, mask = enc["input_ids"], enc["attention_mask"]
     n_prompts = ids.shape[0]
     out = torch.empty((n_cand, n_prompts, model.d_vocab), dtype=torch.float32)
     pb = min(n_prompts, batch_size)
     cc = max(1, batch_size // pb)
+    bar = None
+    if desc is not None:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_cand * n_prompts, desc=desc, unit="row")
     for p0 in range(0, n_prompts, pb):
         sl = slice(p0, min(p0 + pb, n_prompts))
         b = sl.stop - sl.start
@@ -354,6 +360,10 @@ def _batched_logits(model: SafetyModel, enc: dict[str, Tensor], n_cand: int, kin
                     hooks.append((_resid_name(lay), _rows_add(V * (cl == lay).unsqueeze(1).float())))
             logits = model.last_position_logits(rows_ids, rows_mask, fwd_hooks=hooks).float().cpu()
             out[c0:c0 + len(cands), sl] = logits.reshape(len(cands), b, -1)
+            if bar is not None:
+                bar.update(len(cands) * b)
+    if bar is not None:
+        bar.close()
     return out
 
 
@@ -503,11 +513,11 @@ def _check_int(name: str, v: Any, lo: int = 1) -> int:
 
 @torch.no_grad()
 def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[str],
-                             harmless: PromptSet | Sequence[str], *, n_train: int = 64, n_val: int = 32,
+                             harmless: PromptSet | Sequence[str], *, n_train: int = 128, n_val: int = 32,
                              n_positions: int | None = None, layers: Sequence[int] | None = None,
                              max_layer_frac: float = 0.8, kl_max: float = 0.1,
                              norm_range: tuple[float, float] = (0.01, 10.0),
-                             coeff: float = 1.0, addition_min: float | None = 0.0,
+                             coeff: float | None = None, addition_min: float | None = 0.0,
                              coeffs: Sequence[float] = (1.0, 1.5, 2.0, 3.0, 4.0),
                              coeff_target: float = 0.9, screen: int | None = None, top_k: int = 16,
                              min_per_split: int = 4, batch_size: int = 32, seed: int = 0,
@@ -525,7 +535,11 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
     * ``ablation_score``: mean refusal score of harmful prompts with it ablated (lower is better);
     * ``kl``: mean KL(base || ablated) of harmless next-token distributions (must be <= ``kl_max``);
     * ``addition_score``: mean refusal score of harmless prompts with ``coeff`` x it added at its
-      layer (must be > ``addition_min``, default 0; ``None`` disables this filter);
+      layer (must be > ``addition_min``, default 0; ``None`` disables this filter). ``coeff``
+      defaults to the largest of ``coeffs``: the filter asks whether the direction can induce
+      refusal at all within the coefficients on offer. On Qwen2.5-Coder-0.5B the raw difference of
+      means (``coeff=1``, Arditi et al.'s setting) turns no candidate's harmless score positive,
+      so that setting filters every candidate out; pass ``coeff=1.0`` to reproduce it;
 
     and is filtered before any forward when its layer is >= ``max_layer_frac`` x depth or its
     norm relative to the residual norm is outside ``norm_range`` (a zero or blown-up difference).
@@ -554,6 +568,13 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
     from .refusal import RefusalTokens, _as_set, first_token_scores
 
     t_start = time.perf_counter()
+    cs = [float(c) for c in coeffs]
+    if not all(math.isfinite(c) for c in cs):
+        raise InputError(f"coeffs must be finite numbers, got {coeffs!r}.")
+    if coeff is None:
+        if not cs:
+            raise InputError("Pass coeff= (the addition filter's coefficient) or a non-empty coeffs.")
+        coeff = max(cs)
     harmful, harmless = _as_set(harmful, "harmful"), _as_set(harmless, "harmless")
     n_train, n_val = _check_int("n_train", n_train), _check_int("n_val", n_val)
     batch_size, min_per_split = _check_int("batch_size", batch_size), _check_int("min_per_split", min_per_split)
@@ -621,9 +642,11 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
         ns = _check_int("screen", screen)
         enc_s = {key: v[:ns] for key, v in enc_h.items()}
         enc_sb = {key: v[:ns] for key, v in enc_b.items()}
-        s = rt.score(_batched_logits(model, enc_s, len(cand), "ablate", unit, lay_of, batch_size)).mean(1).numpy()
+        s = rt.score(_batched_logits(model, enc_s, len(cand), "ablate", unit, lay_of, batch_size,
+                                     "screen: ablate harmful" if progress else None)).mean(1).numpy()
         base_sb = model.last_position_logits(enc_sb["input_ids"], enc_sb["attention_mask"]).float().cpu()
-        ks = _kl(base_sb, _batched_logits(model, enc_sb, len(cand), "ablate", unit, lay_of, batch_size)).mean(1)
+        ks = _kl(base_sb, _batched_logits(model, enc_sb, len(cand), "ablate", unit, lay_of, batch_size,
+                                          "screen: ablate harmless" if progress else None)).mean(1)
         n_forward_rows += len(cand) * (enc_s["input_ids"].shape[0] + enc_sb["input_ids"].shape[0])
         for c, (i, j) in enumerate(cand):
             abl[i, j], kl[i, j] = s[c], float(ks[c])
@@ -637,9 +660,10 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
     t_eval = time.perf_counter()
     if cand:
         base_b = model.last_position_logits(enc_b["input_ids"], enc_b["attention_mask"]).float().cpu()
-        la = _batched_logits(model, enc_h, len(cand), "ablate", unit, lay_of, batch_size)
-        lk = _batched_logits(model, enc_b, len(cand), "ablate", unit, lay_of, batch_size)
-        ld = _batched_logits(model, enc_b, len(cand), "add", vec * float(coeff), lay_of, batch_size)
+        bars = ("ablate harmful", "ablate harmless", "add harmless") if progress else (None,) * 3
+        la = _batched_logits(model, enc_h, len(cand), "ablate", unit, lay_of, batch_size, bars[0])
+        lk = _batched_logits(model, enc_b, len(cand), "ablate", unit, lay_of, batch_size, bars[1])
+        ld = _batched_logits(model, enc_b, len(cand), "add", vec * float(coeff), lay_of, batch_size, bars[2])
         n_forward_rows += len(cand) * (2 * enc_b["input_ids"].shape[0] + enc_h["input_ids"].shape[0])
         a_s, k_s, d_s = rt.score(la).mean(1).numpy(), _kl(base_b, lk).mean(1).numpy(), rt.score(ld).mean(1).numpy()
         del la, lk, ld
@@ -696,7 +720,6 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
                                  {"scores": scores, "selection": store.jsonable(config),
                                   "filters_passed": not fallback})
     # The addition coefficient, picked on the harmless validation prompts.
-    cs = [float(c) for c in coeffs]
     if cs:
         ld = _batched_logits(model, enc_b, len(cs), "add", torch.stack([direction.vector * c for c in cs]),
                              [direction.layer] * len(cs), batch_size)
@@ -1194,8 +1217,8 @@ def direction_logit_lens(model: SafetyModel, direction: RefusalDirection, top_k:
 # -- the pipeline stage and the CLI command ------------------------------------------------------
 
 def directions_stage(model: SafetyModel, harmful: PromptSet | Sequence[str], harmless: PromptSet | Sequence[str],
-                     borderline: PromptSet | Sequence[str] | None = None, *, n_train: int = 64, n_val: int = 32,
-                     n_eval: int = 64, max_new_tokens: int = 32, layers: Sequence[int] | None = None,
+                     borderline: PromptSet | Sequence[str] | None = None, *, n_train: int = 128, n_val: int = 32,
+                     n_eval: int = 32, max_new_tokens: int = 32, layers: Sequence[int] | None = None,
                      screen: int | None = None, top_k: int = 16, batch_size: int = 32, probes=None,
                      break_band: tuple[int, int] | None = None, jailbroken: PromptSet | None = None,
                      check_orthogonalized: bool = True, seed: int = 0, cache: bool | str | os.PathLike = True,
@@ -1276,7 +1299,7 @@ def directions_stage(model: SafetyModel, harmful: PromptSet | Sequence[str], har
 
 def orthogonalize_to_folder(out: str | os.PathLike, model_name: str | None = None, *,
                             direction: str | os.PathLike | RefusalDirection | None = None,
-                            harmful: str = "harmbench", harmless: str = "harmless", n_train: int = 64,
+                            harmful: str = "harmbench", harmless: str = "harmless", n_train: int = 128,
                             n_val: int = 32, layers: Sequence[int] | None = None, screen: int | None = None,
                             top_k: int = 16, model: SafetyModel | None = None) -> Path:
     """``lens-safety orthogonalize --out DIR``: load, select (or load) the direction, bake it in, save.

@@ -246,7 +246,8 @@ def test_selection_scores_match_direct_measurement(tiny, planted, selection):
     h_val = PromptSet([p for p, s in zip(h_val, first_token_scores(tiny, h_val, tokens=rt)) if s > 0])
     b_val = PromptSet([p for p, s in zip(b_val, first_token_scores(tiny, b_val, tokens=rt)) if s < 0])
     abl = float(first_token_scores(tiny, h_val, tokens=rt, fwd_hooks=ls.ablate(d)).mean())
-    added = float(first_token_scores(tiny, b_val, tokens=rt, fwd_hooks=ls.add(d, coeff=1.0)).mean())
+    assert selection.config["coeff"] == 4.0  # the addition filter's default: the largest of `coeffs`
+    added = float(first_token_scores(tiny, b_val, tokens=rt, fwd_hooks=ls.add(d, coeff=4.0)).mean())
     kl = float(D._kl(_logits(tiny, b_val), _logits(tiny, b_val, fwd_hooks=ls.ablate(d))).mean())
     s = d.meta["scores"]
     assert abs(s["ablation_score"] - abl) < 1e-5 and abs(s["addition_score"] - added) < 1e-5

@@ -38,15 +38,16 @@ def test_notebooks_are_committed_without_outputs():
 
 
 def test_notebooks_draw_and_assert():
-    """Every notebook draws figures; 02 and 04 check their own results with assert."""
+    """Every notebook draws figures; 02, 04 and 05 check their own results with assert."""
     import nbformat
 
     books = {p.stem: nbformat.read(p, as_version=4) for p in NOTEBOOKS}
-    for stem in ("01_quickstart", "02_probes", "03_logit_lens", "04_patching"):
+    for stem in ("01_quickstart", "02_probes", "03_logit_lens", "04_patching", "05_refusal_direction"):
         assert plotting_cells(books[stem]), stem
     src = {stem: "\n".join(c.source for c in b.cells if c.cell_type == "code") for stem, b in books.items()}
     assert "assert (again.predict(jb) == svm.predict(jb)).all()" in src["02_probes"]
     assert "assert len(pairs) > 0" in src["04_patching"] and "assert layer is not None" in src["04_patching"]
+    assert "assert gap < 1e-3" in src["05_refusal_direction"]
 
 
 @pytest.mark.real

@@ -351,6 +351,7 @@ def test_directions_stage_is_opt_in_and_explains_a_skip(monkeypatch):
     assert "--directions" in ctx.stage_directions().skipped
     ctx.cfg = rep._config(True, 8, ["prefix_injection"], 16, 0, directions=True)
     monkeypatch.setattr(rep._Context, "jailbroken", lambda self: "JB")
+    monkeypatch.setattr(rep._Context, "_direction_probes", lambda self: "PROBES")
     seen = {}
 
     def fake(model, harmful, harmless, borderline, **kw):
@@ -362,5 +363,27 @@ def test_directions_stage_is_opt_in_and_explains_a_skip(monkeypatch):
     assert out.skipped == ("The refusal direction could not be selected on this model: only 2 harmful prompts "
                            "were refused in the train split")
     assert seen["break_band"] == (11, 13) and seen["jailbroken"] == "JB" and seen["n_harmful"] == 200
-    assert (seen["n_train"], seen["n_val"], seen["n_eval"]) == (16, 8, 8)
-    assert list(seen["layers"]) == list(range(0, 24, 2))
+    assert seen["probes"] == "PROBES"
+    assert (seen["n_train"], seen["n_val"], seen["n_eval"]) == (32, 8, 8)  # --quick
+    assert list(seen["layers"]) == list(range(0, 24, 4))
+
+
+def test_verdict_direction_statuses():
+    base = {"layer": 15, "position": -4, "harmful_refusal_plain": 0.5, "harmful_refusal_ablated": 0.0,
+            "harmless_kl_ablated": 0.07, "harmless_refusal_plain": 0.1, "harmless_refusal_added": 0.9,
+            "addition_coeff": 4.0}
+    assert rep.verdict_direction(base).status == "reproduced"
+    assert "0.50 -> 0.00 ablated" in rep.verdict_direction(base).evidence
+    # a large side effect (KL) or a weak addition is not a reproduction, but halving refusal is partial
+    assert rep.verdict_direction({**base, "harmless_kl_ablated": 0.3}).status == "partly"
+    assert rep.verdict_direction({**base, "harmful_refusal_ablated": 0.25, "harmless_refusal_added": 0.2}).status \
+        == "partly"
+    assert rep.verdict_direction({**base, "harmful_refusal_ablated": 0.4, "harmless_refusal_added": 0.2}).status \
+        == "not reproduced"
+    assert rep.verdict_direction({}).status == "not measured"
+    table = rep.readme_table({"headline": {"model": "m", "direction": {**base, "n_candidates": 100,
+                                                                      "filters_passed": True, "n_eval_harmful": 32,
+                                                                      "n_eval_harmless": 32}},
+                              "verdicts": {"direction": rep.verdict_direction(base).to_dict()}, "config": {}})
+    assert "| harmbench refusal: plain -> direction ablated (n=32) | 0.500 -> 0.000 |" in table
+    assert "| verdict direction | reproduced |" in table
