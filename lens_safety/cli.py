@@ -78,17 +78,32 @@ def _check_model_name(name: str | None) -> None:
 
 # -- commands -----------------------------------------------------------------------------
 
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    """--dtype / --device / --device-map / --revision, the same on every command that loads a model."""
+    p.add_argument("--dtype", choices=_DTYPES, default=None,
+                   help="weights dtype when loading the model (default: float32; float16/bfloat16 for GPUs)")
+    p.add_argument("--device", default=None, help="device, e.g. cpu or cuda:0 (default: cuda if available)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="accelerate device map: 'auto' spreads a large model over the GPUs (and CPU), or balanced, "
+                        "sequential, cpu, cuda:N or a JSON object")
+    p.add_argument("--revision", default=None, help="hub revision (commit, branch or tag) of a hub id; recorded")
+
+
+def _load_kwargs(args: argparse.Namespace) -> dict:
+    """The load_model keyword arguments given by :func:`_add_load_flags` (the device map parsed now,
+    so a malformed one fails before the model loads)."""
+    from .activations import parse_device_map
+
+    kw = {"dtype": args.dtype, "device": args.device, "revision": args.revision,
+          "device_map": parse_device_map(args.device_map) if args.device_map else None}
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .report import run_pipeline
 
     _check_model_name(args.model)
-    load_kwargs = {}
-    if args.dtype:
-        load_kwargs["dtype"] = args.dtype
-    if args.device_map:
-        from .activations import parse_device_map
-
-        load_kwargs["device_map"] = parse_device_map(args.device_map)  # checked before the model loads
+    load_kwargs = _load_kwargs(args)
     result = run_pipeline(model=args.model, out=args.out, quick=args.quick, jailbreaks=args.jailbreaks,
                           n=args.n, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
                           load_kwargs=load_kwargs or None, judge=args.judge, tuned_lens=args.tuned_lens,
@@ -141,8 +156,14 @@ def _cmd_orthogonalize(args: argparse.Namespace) -> int:
 
         for name in (args.harmful, args.harmless):
             load_prompts(name)  # an unknown set fails here, before the model loads
+    load_kwargs = _load_kwargs(args)
+    model = None
+    if load_kwargs:
+        from .models import load_model
+
+        model = load_model(args.model, **load_kwargs)
     folder = orthogonalize_to_folder(out, args.model, direction=args.direction, harmful=args.harmful,
-                                     harmless=args.harmless, n_train=args.n_train, n_val=args.n_val)
+                                     harmless=args.harmless, n_train=args.n_train, n_val=args.n_val, model=model)
     print(f"orthogonalized model -> {folder} (load with lens_safety.load_model({str(folder)!r}))")
     return EXIT_OK
 
@@ -315,10 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompts per forward pass (default: 16; lower it if memory is short)")
     run.add_argument("--seed", type=_int_at_least(0, "--seed"), default=0, metavar="S",
                      help="seed for prompt sampling, CV folds and bootstraps (default: 0)")
-    run.add_argument("--dtype", choices=_DTYPES, default=None,
-                     help="weights dtype when loading the model (default: float32; float16/bfloat16 for GPUs)")
-    run.add_argument("--device-map", default=None, metavar="MAP",
-                     help="accelerate device map for loading, e.g. 'auto' to spread a large model over GPUs")
+    _add_load_flags(run)
     run.add_argument("--judge", choices=["rules", "substring", "model"], default="rules",
                      help="what decides that a reply refuses: 'rules' (default: refusal phrases at the start of the "
                           "reply, with false friends excluded), 'substring' (a phrase anywhere), or 'model' (the model "
@@ -357,11 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="apply the chat template (default for chat models)")
     chat.add_argument("--raw", dest="chat", action="store_false", help="feed the prompts as raw text")
     cap.add_argument("--truncate", action="store_true", help="cut prompts longer than the context instead of failing")
-    cap.add_argument("--dtype", choices=_DTYPES, default=None, help="weights dtype (default: float32)")
-    cap.add_argument("--device", default=None, help="device, e.g. cpu or cuda:0 (default: cuda if available)")
-    cap.add_argument("--device-map", default=None, metavar="MAP",
-                     help="accelerate device map: auto, balanced, sequential, cpu, cuda:N or a JSON object")
-    cap.add_argument("--revision", default=None, help="hub revision (hub ids only)")
+    _add_load_flags(cap)
     cap.add_argument("--no-cache", action="store_true", help="do not read or write the residual cache")
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
     cap.set_defaults(func=_cmd_capture)
@@ -385,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prompts per class for the difference of means (default: 128)")
     orth.add_argument("--n-val", type=_int_at_least(4, "--n-val"), default=32, metavar="N",
                       help="prompts per class for choosing among candidates (default: 32)")
+    _add_load_flags(orth)
     orth.set_defaults(func=_cmd_orthogonalize)
 
     rep = sub.add_parser(

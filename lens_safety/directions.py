@@ -680,6 +680,7 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
     baseline = {"harmful_val_score": float(base_h.mean()), "harmless_val_score": float(base_bs.mean())}
     n_cand_eval = len(cand)
     config = {"n_train": {w: len(splits[w][0]) for w in splits}, "n_val": {w: len(splits[w][1]) for w in splits},
+              "requested": {"n_train": n_train, "n_val": n_val},
               "n_positions": n_positions, "layers": layer_list, "max_layer_frac": max_layer_frac, "kl_max": kl_max,
               "norm_range": list(norm_range), "coeff": coeff, "screen": screen, "top_k": top_k, "seed": seed,
               "harmful_hash": harmful.hash(), "harmless_hash": harmless.hash(),

@@ -707,6 +707,8 @@ class _Context:
             o.skipped = f"The refusal direction could not be selected on this model: {e}"
             return o
         o.metrics = res["metrics"]
+        # the direction itself, for ls.RefusalDirection.load / lens-safety orthogonalize --direction
+        res["direction"].save(self.runner.out / "refusal_direction")
         o.tables.update({k: v for k, v in res["frames"].items() if hasattr(v, "to_csv")})
         for name, fig in res["figures"].items():
             o.add_figure(name, fig)
@@ -1270,7 +1272,18 @@ def _build_html(model_name: str, cfg: _Config, outputs: dict[str, StageOutput], 
                           f"harmful refusal {_fmt(dm.get('harmful_refusal_plain'))} plain vs "
                           f"{_fmt(dm.get('harmful_refusal_ablated'))} ablated; harmless refusal "
                           f"{_fmt(dm.get('harmless_refusal_plain'))} plain vs {_fmt(dm.get('harmless_refusal_added'))} "
-                          "with the direction added.")
+                          f"with the direction added (x{_fmt(dm.get('addition_coeff'))}); harmless next-token KL under "
+                          f"ablation {_fmt(dm.get('harmless_kl_ablated'))}; orthogonalised weights: harmful refusal "
+                          f"{_fmt(dm.get('harmful_refusal_orthogonalized'))}, first-token scores within "
+                          f"{_fmt(dm.get('orthogonalized_max_score_diff'))} of the hooks. Candidates: "
+                          f"{_fmt(dm.get('n_candidates'))}, {_fmt(dm.get('s_per_candidate'))} s each.")
+            if "direction" in vd:
+                doc.verdict(vd["direction"]["status"], _verdict_text(vd["direction"]))
+            band = dm.get("band_refusal_fraction")
+            if band:
+                doc.paragraph("Ablating the direction only inside vs outside the patching break band (fraction of "
+                              "harmful prompts still refused at the first token): "
+                              + "; ".join(f"{k} {_fmt(v)}" for k, v in band.items()) + ".")
             for name, png in di.figures.items():
                 doc.image(png, name.replace("_", " ") + ".")
             if "direction_effects" in di.tables:

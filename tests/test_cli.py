@@ -208,3 +208,29 @@ def test_fetch_and_quick_run_through_the_cli(tmp_path):
     assert "Verdict: " in report and "Claim 1" in report
     again = subprocess.run(_cli() + ["report", str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and "report:" in again.stdout
+
+
+def test_load_flags_are_shared_and_reach_the_loader(monkeypatch, tmp_path):
+    import lens_safety.directions as D
+    import lens_safety.models as models
+    import lens_safety.report as rep
+
+    subs = _subparsers(build_parser())
+    for cmd in ("run", "capture", "orthogonalize"):
+        flags = {o for a in subs[cmd]._actions for o in a.option_strings}
+        assert {"--dtype", "--device", "--device-map", "--revision"} <= flags, cmd
+    seen = {}
+
+    class Result:
+        def summary(self):
+            return "ok"
+
+    monkeypatch.setattr(rep, "run_pipeline", lambda **kw: seen.update(run=kw["load_kwargs"]) or Result())
+    assert main(["run", "--dtype", "bfloat16", "--device", "cpu", "--device-map", '{"lm_head": "cpu"}',
+                 "--revision", "abc123", "--out", str(tmp_path / "o")]) == 0
+    assert seen["run"] == {"dtype": "bfloat16", "device": "cpu", "device_map": {"lm_head": "cpu"},
+                           "revision": "abc123"}
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: seen.update(orth=(name, kw)) or "MODEL")
+    monkeypatch.setattr(D, "orthogonalize_to_folder", lambda out, name, **kw: seen.update(folder=kw["model"]) or out)
+    assert main(["orthogonalize", "--out", str(tmp_path / "e"), "--dtype", "float16", "--direction", str(tmp_path)]) == 0
+    assert seen["orth"] == (None, {"dtype": "float16"}) and seen["folder"] == "MODEL"
