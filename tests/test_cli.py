@@ -232,5 +232,6 @@ def test_load_flags_are_shared_and_reach_the_loader(monkeypatch, tmp_path):
                            "revision": "abc123"}
     monkeypatch.setattr(models, "load_model", lambda name, **kw: seen.update(orth=(name, kw)) or "MODEL")
     monkeypatch.setattr(D, "orthogonalize_to_folder", lambda out, name, **kw: seen.update(folder=kw["model"]) or out)
-    assert main(["orthogonalize", "--out", str(tmp_path / "e"), "--dtype", "float16", "--direction", str(tmp_path)]) == 0
+    args = ["orthogonalize", "--out", str(tmp_path / "e"), "--dtype", "float16", "--direction", str(tmp_path)]
+    assert main(args) == 0
     assert seen["orth"] == (None, {"dtype": "float16"}) and seen["folder"] == "MODEL"
