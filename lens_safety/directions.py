@@ -538,8 +538,9 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
       layer (must be > ``addition_min``, default 0; ``None`` disables this filter). ``coeff``
       defaults to the largest of ``coeffs``: the filter asks whether the direction can induce
       refusal at all within the coefficients on offer. On Qwen2.5-Coder-0.5B the raw difference of
-      means (``coeff=1``, Arditi et al.'s setting) turns no candidate's harmless score positive,
-      so that setting filters every candidate out; pass ``coeff=1.0`` to reproduce it;
+      means (``coeff=1``, Arditi et al.'s setting) left the mean harmless score negative for every
+      candidate within the KL bound (9 of 9, layers 8-19), so that setting filters every candidate
+      out; pass ``coeff=1.0`` to reproduce it;
 
     and is filtered before any forward when its layer is >= ``max_layer_frac`` x depth or its
     norm relative to the residual norm is outside ``norm_range`` (a zero or blown-up difference).
