@@ -165,6 +165,19 @@ def _check_finite(x: Tensor, what: str) -> None:
         )
 
 
+def _keep_pair_rows(i: int, kept: bool, base, rows_i: dict[str, list], dropper, baselines: list,
+                    rows_out: dict[str, list], bar, n_left: int) -> None:
+    """After pair ``i``: add its rows and baselines when it was kept, else advance the progress bar
+    past its ``n_left`` skipped directions."""
+    if kept:
+        dropper.kept.append(i)
+        baselines.append(base)
+        for k, v in rows_i.items():
+            rows_out[k].extend(v)
+    elif bar is not None:
+        bar.update(n_left)
+
+
 def _add_row(rows: dict[str, list], pair: int, spec, position: int, direction: str, score: float) -> None:
     """One long-form result row (pair, layer, component, head, position, direction, score)."""
     for key, value in (("pair", pair), ("layer", spec.layer), ("component", spec.component), ("head", spec.head),
@@ -867,13 +880,7 @@ def patch_layers(
                 _add_row(rows_i, len(baselines), s, offsets[s.group] if per_position else 0, d, v)
             if bar is not None:
                 bar.update(1)
-        if kept:
-            dropper.kept.append(i)
-            baselines.append(base)
-            for k, v in rows_i.items():
-                rows_out[k].extend(v)
-        elif bar is not None:
-            bar.update(len(dirs) - d_i)
+        _keep_pair_rows(i, kept, base, rows_i, dropper, baselines, rows_out, bar, len(dirs) - d_i)
     if bar is not None:
         bar.close()
     dropper.finish(len(prepared))
@@ -990,13 +997,7 @@ def attribution_patch(
                 _add_row(rows_i, len(baselines), s, offsets[s.group] if per_position else 0, d, est)
             if bar is not None:
                 bar.update(1)
-        if kept:
-            dropper.kept.append(i)
-            baselines.append(base)
-            for k, v in rows_i.items():
-                rows_out[k].extend(v)
-        elif bar is not None:
-            bar.update(len(dirs) - d_i)
+        _keep_pair_rows(i, kept, base, rows_i, dropper, baselines, rows_out, bar, len(dirs) - d_i)
     if bar is not None:
         bar.close()
     dropper.finish(len(prepared))
