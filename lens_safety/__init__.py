@@ -32,7 +32,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate_refusal": "refusal", "RefusalResult": "refusal", "jailbreak_pairs": "refusal",
     "JailbreakPair": "refusal", "PairSet": "refusal",
     "default_judge": "judges", "Judge": "judges", "RuleJudge": "judges", "SubstringJudge": "judges",
-    "ModelJudge": "judges",
+    "ModelJudge": "judges", "CalibratedJudge": "judges", "load_xstest": "judges",
     # probes
     "probe_layers": "probes", "ProbeResult": "probes", "probe_transfer": "probes", "transfer_to": "probes",
     "refusal_directions": "probes", "relative_depth_frame": "probes", "TransferResult": "probes",
@@ -45,7 +45,7 @@ _EXPORTS: dict[str, str] = {
     "patch_layers": "patching", "PatchResult": "patching", "attribution_patch": "patching",
     # refusal direction
     "select_refusal_direction": "directions", "DirectionSelection": "directions", "RefusalDirection": "directions",
-    "ablate": "directions", "add": "directions", "orthogonalize": "directions",
+    "ablate": "directions", "add": "directions", "orthogonalize": "directions", "SelectionFilters": "directions",
     # report
     "run_pipeline": "report", "render_report": "report", "Verdict": "report",
 }

@@ -320,14 +320,19 @@ def _read_entry(directory: Path, mmap: bool = False) -> tuple[Tensor, Tensor, di
 
 # -- capture ------------------------------------------------------------------------------
 
-def _cache_key(model: SafetyModel, ps: PromptSet, positions: str | int, formatting: dict,
-               truncate: bool) -> dict[str, Any]:
+def software_key(model: SafetyModel) -> dict[str, Any]:
+    """The part of a cache key that the weights do not pin: the transformers version (it computes
+    the forward pass) and the tokenizer (:meth:`~lens_safety.models.SafetyModel.tokenizer_key`)."""
     import transformers
 
+    return {"transformers_version": transformers.__version__, "tokenizer": model.tokenizer_key()}
+
+
+def _cache_key(model: SafetyModel, ps: PromptSet, positions: str | int, formatting: dict,
+               truncate: bool) -> dict[str, Any]:
     return {"schema_version": SCHEMA_VERSION, "weights_hash": model.weights_hash,
             "model_dtype": str(model.dtype), "revision": model.revision,
-            "conversion_version": model.provenance.get("conversion_version"),
-            "transformers_version": transformers.__version__, "tokenizer": model.tokenizer_key(),
+            "conversion_version": model.provenance.get("conversion_version"), **software_key(model),
             "formatting": formatting, "prompts_hash": ps.hash(), "positions": positions,
             "truncate": bool(truncate), "dtype": "float32"}
 

@@ -337,10 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=_int_at_least(0, "--seed"), default=0, metavar="S",
                      help="seed for prompt sampling, CV folds and bootstraps (default: 0)")
     _add_load_flags(run)
-    run.add_argument("--judge", choices=["rules", "substring", "model"], default="rules",
-                     help="what decides that a reply refuses: 'rules' (default: refusal phrases at the start of the "
-                          "reply, with false friends excluded), 'substring' (a phrase anywhere), or 'model' (the model "
-                          "itself asked whether the reply refuses); the report compares all three")
+    run.add_argument("--judge", choices=["calibrated", "rules", "substring", "model"], default="calibrated",
+                     help="what decides that a reply refuses: 'calibrated' (default: refusal rules plus soft refusals "
+                          "learned from human-labelled replies of other chat models, XSTest v2), 'rules' (the rules "
+                          "alone), 'substring' (the first version: a phrase anywhere), or 'model' (the model itself "
+                          "asked whether the reply refuses; a forward per reply). The report compares the judges on "
+                          "the same replies (the model judge only when chosen)")
     run.add_argument("--tuned-lens", action="store_true",
                      help="also train (once; cached) a tuned lens and show its readouts and KL beside the logit "
                           "lens (adds about 10 minutes on 2 CPU cores the first time)")

@@ -39,7 +39,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +50,12 @@ from torch import Tensor
 
 from . import store
 from .errors import ChatTemplateError, InputError, ModelMismatchError
-from .models import SafetyModel, weights_fingerprint
+from .models import SafetyModel, position_ids_from_mask, weights_fingerprint
 from .prompts import PromptSet
 
 __all__ = [
-    "RefusalDirection", "DirectionSelection", "Intervention", "select_refusal_direction", "ablate", "add",
+    "RefusalDirection", "DirectionSelection", "SelectionFilters", "Intervention", "select_refusal_direction",
+    "ablate", "add",
     "orthogonalize", "hf_model_copy", "template_positions", "split_prompts", "candidate_directions",
     "direction_effects",
     "DirectionEffects", "coefficient_sweep", "CoefficientSweep", "direction_geometry", "DirectionGeometry",
@@ -209,14 +210,17 @@ class Intervention(list):
     ``model.weights_hash`` is a derived hash (the model's plus the intervention's), so on-disk
     caches (residuals, refusal results) never mix edited and unedited runs; it is restored on
     exit. Data made outside the context (e.g. a ``PairSet``) is then refused as "another
-    model": pass ``list(pairs)`` to patch it on top of the intervention.
+    model": pass ``list(pairs)`` to patch it on top of the intervention. The unedited hash stays
+    readable as ``model.base_weights_hash`` (set only while an intervention is active, the
+    outermost one's): a :class:`~lens_safety.judges.ModelJudge` judges with the unedited model
+    and keeps its calibration.
     """
 
     def __init__(self, hooks: Sequence[tuple[str, Any]], *, model: SafetyModel | None, description: dict[str, Any]):
         super().__init__(hooks)
         self.model = model
         self.description = description
-        self._ctx: list[tuple[Any, str]] = []
+        self._ctx: list[tuple[Any, str, str | None]] = []
 
     def __enter__(self) -> Intervention:
         if self.model is None:
@@ -225,13 +229,19 @@ class Intervention(list):
         ctx = self.model.bridge.hooks(fwd_hooks=list(self))
         ctx.__enter__()
         previous = self.model.weights_hash
+        base = vars(self.model).get("base_weights_hash")
         self.model.weights_hash = store.sha256_json({"base": previous, **self.description})
-        self._ctx.append((ctx, previous))
+        self.model.base_weights_hash = base or previous
+        self._ctx.append((ctx, previous, base))
         return self
 
     def __exit__(self, *exc) -> None:
-        ctx, previous = self._ctx.pop()
+        ctx, previous, base = self._ctx.pop()
         self.model.weights_hash = previous
+        if base is None:
+            vars(self.model).pop("base_weights_hash", None)
+        else:
+            self.model.base_weights_hash = base
         ctx.__exit__(*exc)
 
 
@@ -511,18 +521,46 @@ def _check_int(name: str, v: Any, lo: int = 1) -> int:
     return int(v)
 
 
+@dataclass(frozen=True)
+class SelectionFilters:
+    """The thresholds that :func:`select_refusal_direction` filters candidates with (Arditi et al.'s).
+
+    ``max_layer_frac``: candidates at a layer >= this fraction of the depth are dropped (too close
+    to the unembedding); ``norm_range``: (low, high) bounds of the difference-of-means norm relative
+    to the mean residual norm; ``kl_max``: largest mean harmless KL(base || ablated);
+    ``addition_min``: the harmless refusal score with the direction added must exceed it (``None``
+    disables this filter). Pass it as ``filters=``, or the same names as keyword arguments.
+
+    >>> SelectionFilters(kl_max=0.2).kl_max, SelectionFilters().norm_range
+    (0.2, (0.01, 10.0))
+    """
+
+    max_layer_frac: float = 0.8
+    kl_max: float = 0.1
+    norm_range: tuple[float, float] = (0.01, 10.0)
+    addition_min: float | None = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_layer_frac <= 1:
+            raise InputError(f"max_layer_frac must be in (0, 1], got {self.max_layer_frac!r}.")
+        lo, hi = (float(x) for x in self.norm_range)
+        if not lo <= hi:
+            raise InputError(f"norm_range must be (low, high) with low <= high, got {self.norm_range!r}.")
+        object.__setattr__(self, "norm_range", (lo, hi))
+        if not float(self.kl_max) >= 0:
+            raise InputError(f"kl_max must be a number >= 0, got {self.kl_max!r}.")
+
+
 @torch.no_grad()
 def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[str],
                              harmless: PromptSet | Sequence[str], *, n_train: int = 128, n_val: int = 32,
                              n_positions: int | None = None, layers: Sequence[int] | None = None,
-                             max_layer_frac: float = 0.8, kl_max: float = 0.1,
-                             norm_range: tuple[float, float] = (0.01, 10.0),
-                             coeff: float | None = None, addition_min: float | None = 0.0,
+                             filters: SelectionFilters | None = None, coeff: float | None = None,
                              coeffs: Sequence[float] = (1.0, 1.5, 2.0, 3.0, 4.0),
-                             coeff_target: float = 0.9, screen: int | None = None, top_k: int = 16,
+                             coeff_target: float = 0.9, screen: int | None = 8, top_k: int = 8,
                              min_per_split: int = 4, batch_size: int = 32, seed: int = 0,
                              on_empty: str = "raise", tokens=None, cache: bool | str | os.PathLike = True,
-                             progress: bool = False) -> DirectionSelection:
+                             progress: bool = True, **filter_kwargs: Any) -> DirectionSelection:
     """Pick the refusal direction: difference of means per (template position x layer), selected on validation.
 
     ``harmful`` / ``harmless`` are split (seeded) into ``n_train`` / ``n_val`` prompts each; each
@@ -544,16 +582,23 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
 
     and is filtered before any forward when its layer is >= ``max_layer_frac`` x depth or its
     norm relative to the residual norm is outside ``norm_range`` (a zero or blown-up difference).
+    The thresholds (``max_layer_frac`` 0.8, ``kl_max`` 0.1, ``norm_range`` (0.01, 10),
+    ``addition_min`` 0) are a :class:`SelectionFilters`: pass ``filters=SelectionFilters(...)``
+    or any of them as keyword arguments (``kl_max=0.2``; these override ``filters``). Each
+    filtered candidate's reason is in ``.reason`` / ``to_frame()["reason"]``.
     The chosen one passes every filter and has the lowest ablation score. Then the addition
     coefficient is picked on the harmless validation prompts: the smallest of ``coeffs`` that
     makes at least ``coeff_target`` of them score > 0 (``.addition_coeff``; the largest if none does).
 
     ``tokens``: the :class:`~lens_safety.refusal.RefusalTokens` scoring refusal (default: from the
-    tokenizer). ``screen``: a cheap first pass -- the ablation score on ``screen`` harmful and
-    the KL on ``screen`` harmless validation prompts for every candidate -- then the full three
-    scores only for the ``top_k`` best by screened ablation score among those within ``kl_max``
-    (the others keep their screened scores, reason ``"screened out"``); ``None`` evaluates every
-    candidate fully.
+    tokenizer). ``screen`` (default 8, as the ``lens-safety run --directions`` stage): a cheap
+    first pass -- the ablation score on ``screen`` harmful and the KL on ``screen`` harmless
+    validation prompts for every candidate -- then the full three scores only for the ``top_k``
+    (default 8) best by screened ablation score among those within ``kl_max`` (the others keep
+    their screened scores, reason ``"screened out"``). ``screen=None`` is the full search: every
+    candidate scored on every validation prompt (on the default model's 120 candidates it had not
+    finished after 47 CPU-minutes; the screened selection of the committed run took 20 minutes).
+    ``progress`` shows a bar per batched pass (candidate x prompt rows).
 
     Raises :class:`InputError` when too few prompts survive a split (< ``min_per_split``), when
     the model already refuses most of the harmless set, or when every candidate is filtered out
@@ -579,8 +624,13 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
     harmful, harmless = _as_set(harmful, "harmful"), _as_set(harmless, "harmless")
     n_train, n_val = _check_int("n_train", n_train), _check_int("n_val", n_val)
     batch_size, min_per_split = _check_int("batch_size", batch_size), _check_int("min_per_split", min_per_split)
-    if not 0 < max_layer_frac <= 1:
-        raise InputError(f"max_layer_frac must be in (0, 1], got {max_layer_frac!r}.")
+    known = {f.name for f in fields(SelectionFilters)}
+    if set(filter_kwargs) - known:
+        raise InputError(f"select_refusal_direction got unknown argument(s) {sorted(set(filter_kwargs) - known)}; "
+                         f"the filter thresholds are {sorted(known)} (or filters=SelectionFilters(...)).")
+    filters = replace(filters or SelectionFilters(), **filter_kwargs)
+    max_layer_frac, kl_max, norm_range, addition_min = (filters.max_layer_frac, filters.kl_max, filters.norm_range,
+                                                        filters.addition_min)
     k = template_positions(model, harmful[:1])
     n_positions = k if n_positions is None else _check_int("n_positions", n_positions)
     if n_positions > k:
@@ -683,7 +733,8 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
     config = {"n_train": {w: len(splits[w][0]) for w in splits}, "n_val": {w: len(splits[w][1]) for w in splits},
               "requested": {"n_train": n_train, "n_val": n_val},
               "n_positions": n_positions, "layers": layer_list, "max_layer_frac": max_layer_frac, "kl_max": kl_max,
-              "norm_range": list(norm_range), "coeff": coeff, "screen": screen, "top_k": top_k, "seed": seed,
+              "norm_range": list(norm_range), "addition_min": addition_min, "coeff": coeff, "screen": screen,
+              "top_k": top_k, "seed": seed,
               "harmful_hash": harmful.hash(), "harmless_hash": harmless.hash(),
               "train_hashes": {w: splits[w][0].hash() for w in splits},
               "val_hashes": {w: splits[w][1].hash() for w in splits}}
@@ -858,17 +909,33 @@ def orthogonalize(model: SafetyModel, direction: RefusalDirection, *, check: boo
 
 # -- measured side effects --------------------------------------------------------------------
 
-def _wilson_row(refused: np.ndarray) -> tuple[float, float, float]:
-    from .stats import wilson_interval
+#: The three rates of a :class:`~lens_safety.refusal.RefusalResult` outcome (never folded) and their
+#: names in :class:`DirectionEffects` rows and the stage metrics. Refusal = replies judged "refused" only.
+RATE_NAMES = {"refused": "refusal", "complied": "compliance", "unengaged": "unengaged"}
+#: Condition names in the stage metrics (``harmful_refusal_ablated`` ...).
+CONDITION_NAMES = {"plain": "plain", "ablate": "ablated", "add": "added"}
 
-    k, n = int(np.sum(refused)), int(len(refused))
-    lo, hi = wilson_interval(k, n)
-    return (k / n if n else float("nan")), float(lo), float(hi)
+
+def _rate_columns(result) -> dict[str, float]:
+    """``refusal_rate``, ``ci_low``, ``ci_high`` (the refusal rate's Wilson 95% CI) and the same
+    for ``compliance_*`` and ``unengaged_*``, from :meth:`RefusalResult.rates`."""
+    out: dict[str, float] = {}
+    for row in result.rates().itertuples():
+        name = RATE_NAMES[row.outcome]
+        prefix = "" if name == "refusal" else f"{name}_"
+        out[f"{name}_rate"] = float(row.rate)
+        # clipped to the rate: the Wilson bounds at 0 and 1 carry float round-off (1e-17 above 0)
+        out[f"{prefix}ci_low"] = min(float(row.ci_low), float(row.rate))
+        out[f"{prefix}ci_high"] = max(float(row.ci_high), float(row.rate))
+    return out
 
 
 @torch.no_grad()
 def _completion_ce(model: SafetyModel, prompts: PromptSet, completions: Sequence[str], batch_size: int) -> float:
-    """Mean cross-entropy (nats/token) of ``completions`` after their formatted prompts."""
+    """Mean cross-entropy (nats/token) of ``completions`` after their formatted prompts.
+
+    Rows are left-padded with the mask and position ids passed, so the result does not depend on
+    the batch (absolute-position models included)."""
     tok = model.tokenizer
     formatted = model.format(prompts)
     total, count = 0.0, 0
@@ -890,7 +957,9 @@ def _completion_ce(model: SafetyModel, prompts: PromptSet, completions: Sequence
             ids[i, width - len(seq):] = torch.tensor(seq)
             mask[i, width - len(seq):] = 1
             target_mask[i, width - len(c):] = True
-        logits = model.bridge(ids.to(model.device), attention_mask=mask.to(model.device)).float().cpu()
+        mask = mask.to(model.device)
+        logits = model.bridge(ids.to(model.device), attention_mask=mask,
+                              position_ids=position_ids_from_mask(mask)).float().cpu()
         logp = torch.log_softmax(logits[:, :-1].double(), -1)
         nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
         tm = target_mask[:, 1:]
@@ -903,10 +972,15 @@ def _completion_ce(model: SafetyModel, prompts: PromptSet, completions: Sequence
 class DirectionEffects:
     """Refusal with and without the direction's interventions, KL and cross-entropy side effects.
 
-    ``table``: one row per (prompt set, condition) with n, judge refusal rate and its Wilson 95%
-    CI, first-token refusal rate (score > 0) and mean score. ``kl_harmless``: mean KL(base ||
-    ablated) of the harmless next-token distributions. ``ce``: cross-entropy (nats/token) of the
-    base model's own greedy harmless completions under each condition.
+    ``table``: one row per (prompt set, condition) with n, the judge's three rates, never folded
+    -- ``refusal_rate`` (replies judged "refused") with its Wilson 95% CI ``ci_low`` / ``ci_high``,
+    ``compliance_rate`` (judged "complied") with ``compliance_ci_low`` / ``compliance_ci_high``,
+    ``unengaged_rate`` (no answer at all) with ``unengaged_ci_low`` / ``unengaged_ci_high`` -- the
+    first-token refusal rate (score > 0) and mean score. ``kl_harmless``: mean KL(base || ablated)
+    of the harmless next-token distributions (``kl_ci``: its 95% t-interval over prompts). ``ce``:
+    cross-entropy (nats/token) of the base model's own greedy harmless completions under each
+    condition. ``results``: the :class:`~lens_safety.refusal.RefusalResult` of each (set, condition);
+    ``config["judge"]``: the identity of the judge.
     """
 
     table: Any
@@ -914,17 +988,57 @@ class DirectionEffects:
     ce: dict[str, float]
     coeff: float
     config: dict[str, Any] = field(default_factory=dict)
+    kl_ci: tuple[float, float] = (float("nan"), float("nan"))
+    results: dict[tuple[str, str], Any] = field(default_factory=dict, repr=False)
 
     def to_frame(self):
         return self.table.copy()
 
-    def rate(self, prompt_set: str, condition: str, column: str = "refusal_rate") -> float:
+    def _row(self, prompt_set: str, condition: str):
         t = self.table
         row = t[(t["set"] == prompt_set) & (t["condition"] == condition)]
         if row.empty:
             raise InputError(f"No row for set={prompt_set!r}, condition={condition!r}; have "
                              f"{sorted(set(zip(t['set'], t['condition'])))}.")
-        return float(row[column].iloc[0])
+        return row.iloc[0]
+
+    def rate(self, prompt_set: str, condition: str, column: str = "refusal_rate") -> float:
+        """One number of the table, e.g. ``rate("harmful", "ablate")`` (refusal rate = judged refused)."""
+        return float(self._row(prompt_set, condition)[column])
+
+    def rate_ci(self, prompt_set: str, condition: str, rate: str = "refusal") -> tuple[float, float, float]:
+        """``(rate, ci_low, ci_high)`` of ``rate`` (``"refusal"``, ``"compliance"`` or ``"unengaged"``)."""
+        if rate not in RATE_NAMES.values():
+            raise InputError(f"rate must be one of {sorted(RATE_NAMES.values())}, got {rate!r}.")
+        r = self._row(prompt_set, condition)
+        prefix = "" if rate == "refusal" else f"{rate}_"
+        return float(r[f"{rate}_rate"]), float(r[f"{prefix}ci_low"]), float(r[f"{prefix}ci_high"])
+
+    def metrics(self) -> dict[str, Any]:
+        """Flat metrics: ``{set}_{rate}_{condition}`` and ``..._ci`` ([low, high]) for the three rates
+        (e.g. ``harmful_refusal_ablated``, ``harmless_compliance_added_ci``), ``n_{set}``, the KL and CE.
+
+        >>> import pandas as pd
+        >>> row = {"set": "harmful", "condition": "ablate", "n": 4, "refusal_rate": 0.25, "ci_low": 0.05,
+        ...        "ci_high": 0.7, "compliance_rate": 0.75, "compliance_ci_low": 0.3, "compliance_ci_high": 0.95,
+        ...        "unengaged_rate": 0.0, "unengaged_ci_low": 0.0, "unengaged_ci_high": 0.49}
+        >>> m = DirectionEffects(pd.DataFrame([row]), 0.01, {}, 1.0).metrics()
+        >>> m["harmful_refusal_ablated"], m["harmful_refusal_ablated_ci"], m["harmful_compliance_ablated"]
+        (0.25, [0.05, 0.7], 0.75)
+
+        Conditions are named ``plain``, ``ablated``, ``added``; refusal = replies judged "refused".
+        """
+        out: dict[str, Any] = {}
+        for _, r in self.table.iterrows():
+            cond = CONDITION_NAMES[r["condition"]]
+            out[f"n_{r['set']}"] = int(r["n"])
+            for name in RATE_NAMES.values():
+                rate, lo, hi = self.rate_ci(r["set"], r["condition"], name)
+                out[f"{r['set']}_{name}_{cond}"] = rate
+                out[f"{r['set']}_{name}_{cond}_ci"] = [lo, hi]
+        out["harmless_kl_ablated"], out["harmless_kl_ablated_ci"] = self.kl_harmless, list(self.kl_ci)
+        out["harmless_ce"] = dict(self.ce)
+        return out
 
     def plot(self, ax=None):
         from . import viz
@@ -936,19 +1050,24 @@ class DirectionEffects:
 def direction_effects(model: SafetyModel, direction: RefusalDirection, harmful: PromptSet | Sequence[str],
                       harmless: PromptSet | Sequence[str], borderline: PromptSet | Sequence[str] | None = None, *,
                       coeff: float | None = None, max_new_tokens: int = 32, batch_size: int = 16,
-                      cache: bool | str | os.PathLike = True, progress: bool = False) -> DirectionEffects:
-    """Refusal (judge on greedy completions + first-token score) of each set, plain and edited.
+                      cache: bool | str | os.PathLike = True, progress: bool = False,
+                      judge=None) -> DirectionEffects:
+    """Refusal, compliance and unengaged rates (``judge`` on greedy completions, Wilson 95% CIs) and
+    the first-token score of each set, plain and edited.
 
-    Harmful prompts: plain vs :func:`ablate` (the jailbreak rate is 1 - refusal rate). Harmless and
+    Harmful prompts: plain vs :func:`ablate` (the jailbreak rate is the compliance rate). Harmless and
     borderline prompts: plain vs :func:`add` with ``coeff`` (default: the selection's
     ``addition_coeff`` from ``direction.meta``, else 1) -- over-refusal -- and vs ablation (does
     ablation change answers to harmless requests?). Also the harmless next-token KL under ablation
     and the cross-entropy of the base model's harmless completions before and after each edit.
-    Generations are cached (the interventions change ``weights_hash`` while active).
+    Generations are cached (the interventions change ``weights_hash`` while active). ``judge``:
+    as for :func:`~lens_safety.evaluate_refusal` (``None``: the default judge).
     """
     import pandas as pd
 
+    from .judges import as_judge
     from .refusal import _as_set, evaluate_refusal
+    from .stats import mean_ci
 
     d = _as_direction(direction)
     d.check_model(model)
@@ -956,7 +1075,9 @@ def direction_effects(model: SafetyModel, direction: RefusalDirection, harmful: 
     sets = {"harmful": _as_set(harmful, "harmful"), "harmless": _as_set(harmless, "harmless")}
     if borderline is not None:
         sets["borderline"] = _as_set(borderline, "borderline")
-    kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "cache": cache, "progress": progress}
+    judge = as_judge(judge, model)
+    kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "cache": cache, "progress": progress,
+          "judge": judge}
     conditions = {"harmful": ("plain", "ablate"), "harmless": ("plain", "add", "ablate"),
                   "borderline": ("plain", "add", "ablate")}
     rows, results = [], {}
@@ -967,10 +1088,8 @@ def direction_effects(model: SafetyModel, direction: RefusalDirection, harmful: 
             with ctx:
                 r = evaluate_refusal(model, ps, **kw)
             results[(name, cond)] = r
-            rate, lo, hi = _wilson_row(r.refused)
-            rows.append({"set": name, "condition": cond, "n": len(r), "refusal_rate": rate, "ci_low": lo,
-                         "ci_high": hi, "first_token_rate": float(np.mean(r.score > 0)),
-                         "mean_score": float(np.mean(r.score))})
+            rows.append({"set": name, "condition": cond, "n": len(r), **_rate_columns(r),
+                         "first_token_rate": float(np.mean(r.score > 0)), "mean_score": float(np.mean(r.score))})
     # KL of harmless next-token distributions under ablation; CE of the plain harmless completions.
     hl = sets["harmless"]
     enc = model.tokenize(model.format(hl))
@@ -978,16 +1097,17 @@ def direction_effects(model: SafetyModel, direction: RefusalDirection, harmful: 
         base = _last_logits_batched(model, enc, batch_size)
         with ablate(d, model=model):
             abl = _last_logits_batched(model, enc, batch_size)
-    kl = float(_kl(base, abl).mean())
+    kl, kl_lo, kl_hi = mean_ci(_kl(base, abl).numpy())
     plain = results[("harmless", "plain")]
     ce = {"plain": _completion_ce(model, hl, plain.completions, batch_size)}
     with ablate(d, model=model):
         ce["ablate"] = _completion_ce(model, hl, plain.completions, batch_size)
     with add(d, coeff=coeff, model=model):
         ce["add"] = _completion_ce(model, hl, plain.completions, batch_size)
-    return DirectionEffects(pd.DataFrame(rows), kl, ce, coeff,
+    return DirectionEffects(pd.DataFrame(rows), float(kl), ce, coeff,
                             {"max_new_tokens": max_new_tokens, "direction": d.hash, "layer": d.layer,
-                             "position": d.position})
+                             "position": d.position, "judge": judge.identity}, (float(kl_lo), float(kl_hi)),
+                            results)
 
 
 class _null:
@@ -1221,24 +1341,32 @@ def direction_logit_lens(model: SafetyModel, direction: RefusalDirection, top_k:
 def directions_stage(model: SafetyModel, harmful: PromptSet | Sequence[str], harmless: PromptSet | Sequence[str],
                      borderline: PromptSet | Sequence[str] | None = None, *, n_train: int = 128, n_val: int = 32,
                      n_eval: int = 32, max_new_tokens: int = 32, layers: Sequence[int] | None = None,
-                     screen: int | None = None, top_k: int = 16, batch_size: int = 32, probes=None,
+                     screen: int | None = 8, top_k: int = 8, batch_size: int = 32, probes=None,
                      break_band: tuple[int, int] | None = None, jailbroken: PromptSet | None = None,
                      check_orthogonalized: bool = True, seed: int = 0, cache: bool | str | os.PathLike = True,
-                     progress: bool = False, select_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                     progress: bool = False, select_kwargs: dict[str, Any] | None = None,
+                     judge=None) -> dict[str, Any]:
     """The refusal-direction stage of ``lens-safety run``: select, intervene, measure, tie to the paper.
 
     Harmful and harmless prompts are split (seeded) into train / validation (selection) and a
     held-out rest, of which ``n_eval`` each are evaluated with greedy generation
     (``max_new_tokens``). Returns ``{"metrics": {...}, "frames": {name: DataFrame},
     "figures": {name: Figure}, "selection": DirectionSelection, "direction": RefusalDirection,
-    "effects": DirectionEffects}``. ``probes`` (a ProbeResult), ``break_band`` (first, last block
-    of the patching break band) and ``jailbroken`` prompts add the geometry and band rows.
-    ``select_kwargs`` pass through to :func:`select_refusal_direction` (e.g. ``kl_max``, ``coeffs``);
-    the stage defaults to ``on_empty="best"`` (metric ``filters_passed`` says whether it was needed).
+    "effects": DirectionEffects, "orthogonalized": RefusalResult | None}``. ``probes`` (a ProbeResult),
+    ``break_band`` (first, last block of the patching break band) and ``jailbroken`` prompts add
+    the geometry and band rows. ``select_kwargs`` pass through to :func:`select_refusal_direction`
+    (e.g. ``kl_max``, ``coeffs``); the stage defaults to ``on_empty="best"`` (metric
+    ``filters_passed`` says whether it was needed). ``judge`` judges every reply (as for
+    :func:`~lens_safety.evaluate_refusal`; metric ``judge`` is its identity). The metrics hold the
+    three rates of each set and condition with Wilson 95% CIs (:meth:`DirectionEffects.metrics`:
+    ``harmful_refusal_ablated``, ``harmful_refusal_ablated_ci``, ``harmful_compliance_ablated`` ...;
+    refusal rate = replies judged refused).
     """
+    from .judges import as_judge
     from .refusal import _as_set, evaluate_refusal, first_token_scores
 
     harmful, harmless = _as_set(harmful, "harmful"), _as_set(harmless, "harmless")
+    judge = as_judge(judge, model)
     t0 = time.perf_counter()
     sel = select_refusal_direction(model, harmful, harmless, n_train=n_train, n_val=n_val, layers=layers,
                                    screen=screen, top_k=top_k, batch_size=batch_size, seed=seed, cache=cache,
@@ -1253,7 +1381,7 @@ def directions_stage(model: SafetyModel, harmful: PromptSet | Sequence[str], har
     bl = None if borderline is None else _as_set(borderline, "borderline")[:n_eval]
     eff = direction_effects(model, d, h_eval, b_eval, bl, coeff=sel.addition_coeff,
                             max_new_tokens=max_new_tokens, batch_size=min(batch_size, 16), cache=cache,
-                            progress=progress)
+                            progress=progress, judge=judge)
     sweep = coefficient_sweep(model, d, PromptSet(list(h_eval[:32]) + list(b_eval[:32])), batch_size=batch_size)
     lens = direction_logit_lens(model, d)
     metrics: dict[str, Any] = {
@@ -1261,15 +1389,10 @@ def directions_stage(model: SafetyModel, harmful: PromptSet | Sequence[str], har
         "addition_coeff": sel.addition_coeff, "n_candidates": int(sel.reason.size),
         "filters_passed": bool(d.meta.get("filters_passed", True)),
         "filters": sel.filter_counts(), **{f"val_{k}": v for k, v in d.meta["scores"].items()},
-        "harmful_refusal_plain": eff.rate("harmful", "plain"), "harmful_refusal_ablated": eff.rate("harmful", "ablate"),
-        "harmless_refusal_plain": eff.rate("harmless", "plain"), "harmless_refusal_added": eff.rate("harmless", "add"),
-        "harmless_refusal_ablated": eff.rate("harmless", "ablate"), "harmless_kl_ablated": eff.kl_harmless,
-        "harmless_ce": eff.ce, "n_eval_harmful": len(h_eval), "n_eval_harmless": len(b_eval),
+        "judge": judge.identity,
+        **eff.metrics(), "n_eval_harmful": len(h_eval), "n_eval_harmless": len(b_eval),
         "selection_s": sel.timings.get("total_s"), "s_per_candidate": sel.timings.get("s_per_candidate"),
     }
-    if bl is not None:
-        metrics["borderline_refusal_plain"] = eff.rate("borderline", "plain")
-        metrics["borderline_refusal_added"] = eff.rate("borderline", "add")
     frames = {"direction_candidates": sel.to_frame(), "direction_effects": eff.to_frame(),
               "direction_sweep": sweep.to_frame(), "direction_logit_lens": lens}
     figures = {"direction_selection": sel.plot(), "direction_effects": eff.plot(),
@@ -1279,9 +1402,11 @@ def directions_stage(model: SafetyModel, harmful: PromptSet | Sequence[str], har
         hooked = first_token_scores(model, h_eval, batch_size=16, fwd_hooks=ablate(d))
         baked = first_token_scores(orth, h_eval, batch_size=16)
         r_orth = evaluate_refusal(orth, h_eval, max_new_tokens=max_new_tokens, batch_size=16, cache=cache,
-                                  progress=progress)
+                                  progress=progress, judge=judge)
         metrics["orthogonalized_max_score_diff"] = float((hooked - baked).abs().max())
-        metrics["harmful_refusal_orthogonalized"] = r_orth.refusal_rate
+        for row in r_orth.rates().itertuples():
+            metrics[f"harmful_{RATE_NAMES[row.outcome]}_orthogonalized"] = float(row.rate)
+            metrics[f"harmful_{RATE_NAMES[row.outcome]}_orthogonalized_ci"] = [float(row.ci_low), float(row.ci_high)]
         del orth
     if jailbroken is not None or probes is not None:
         groups = {"harmless": b_eval, "harmful": h_eval}
@@ -1296,14 +1421,14 @@ def directions_stage(model: SafetyModel, harmful: PromptSet | Sequence[str], har
         metrics["band_refusal_fraction"] = dict(zip(band["condition"], band["refusal_fraction"]))
     metrics["stage_s"] = time.perf_counter() - t0
     return {"metrics": store.jsonable(metrics), "frames": frames, "figures": figures, "selection": sel,
-            "direction": d, "effects": eff}
+            "direction": d, "effects": eff, "orthogonalized": r_orth if check_orthogonalized else None}
 
 
 def orthogonalize_to_folder(out: str | os.PathLike, model_name: str | None = None, *,
                             direction: str | os.PathLike | RefusalDirection | None = None,
                             harmful: str = "harmbench", harmless: str = "harmless", n_train: int = 128,
-                            n_val: int = 32, layers: Sequence[int] | None = None, screen: int | None = None,
-                            top_k: int = 16, model: SafetyModel | None = None) -> Path:
+                            n_val: int = 32, layers: Sequence[int] | None = None, screen: int | None = 8,
+                            top_k: int = 8, model: SafetyModel | None = None) -> Path:
     """``lens-safety orthogonalize --out DIR``: load, select (or load) the direction, bake it in, save.
 
     Writes a Hugging Face folder (safetensors + tokenizer; ``ls.load_model(out)`` loads it) with

@@ -332,8 +332,10 @@ class SafetyModel:
         """Write the model as a Hugging Face folder (safetensors weights, config, tokenizer), atomically.
 
         ``load_model(directory)`` loads it back (e.g. an :func:`~lens_safety.directions.orthogonalize`
-        edit). ``lens_safety.json`` beside the weights records the name, weights hash and provenance.
-        Needs a model bridged from HF weights (not ``boot_native``).
+        edit). ``lens_safety.json`` beside the weights records the name, weights hash and provenance,
+        and marks the folder as an export (``kind``), so saving again into it replaces it; an existing
+        non-empty folder without that mark is refused (:func:`~lens_safety.store.atomic_dir`), never
+        wiped. Needs a model bridged from HF weights (not ``boot_native``).
 
         >>> edited.save_pretrained("qwen-orthogonalized")  # doctest: +SKIP
         """
@@ -344,7 +346,8 @@ class SafetyModel:
         with atomic_dir(directory) as tmp:
             hf.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
-            write_json_atomic(tmp / "lens_safety.json", {"name": self.name, "weights_hash": self.weights_hash,
+            write_json_atomic(tmp / "lens_safety.json", {"kind": "SafetyModel", "name": self.name,
+                                                         "weights_hash": self.weights_hash,
                                                          "provenance": self.provenance})
         return Path(directory)
 
@@ -381,17 +384,29 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 # -- fingerprints -----------------------------------------------------------------------------
 
 def weights_fingerprint(module: torch.nn.Module, chunk: int = 1 << 22) -> str:
-    """A sha256 over parameter names, shapes, dtypes and values.
+    """A sha256 over every ``state_dict`` entry (parameters and buffers), in name order.
 
-    Small tensors are hashed whole; large ones by a fixed strided sample of 65,536 values
-    plus their sum, accumulated in float64 one chunk of ``chunk`` values at a time (never a
-    float64 copy of a whole tensor: a 70B embedding would need ~8 GB). The sum changes with
-    any realistic weight change; a 0.5B model takes about a second.
+    Each entry contributes its name, shape and dtype, then its values cast to float32:
+    all of them for a tensor of at most 65,536 values; for a larger one, only a strided
+    sample (every ``numel // 65536``-th value, the first 65,536 of them) plus the float64
+    sum of all values, accumulated one chunk of ``chunk`` values at a time (never a float64
+    copy of a whole tensor: a 70B embedding would need ~8 GB). Tensors on the ``meta``
+    device contribute name, shape and dtype only. So it is a fingerprint, not a full hash:
+    an edit of a large tensor that misses every sampled value and keeps its sum (e.g. two
+    unsampled values swapped) is not seen, nor is a difference below float32 precision
+    (float64 tensors, integers above 2**24). A 0.5B model takes about a second.
 
     >>> import torch
     >>> a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     >>> _ = b.load_state_dict(a.state_dict())
     >>> weights_fingerprint(a) == weights_fingerprint(b)
+    True
+    >>> big = torch.nn.Linear(1000, 100, bias=False)  # 100,000 values: only the first 65,536 are sampled
+    >>> _ = big.weight.data.zero_()
+    >>> big.weight.data.view(-1)[-2:] = torch.tensor([1.0, 2.0])
+    >>> before = weights_fingerprint(big)
+    >>> big.weight.data.view(-1)[-2:] = torch.tensor([2.0, 1.0])  # unsampled values swapped: same sum
+    >>> weights_fingerprint(big) == before
     True
     """
     h = hashlib.sha256()

@@ -3,7 +3,9 @@
 Run any lens_safety script (or ``lens-safety capture``) under ``accelerate launch`` and the
 stages that use this module split their prompts over the processes — one per GPU
 (``accelerate launch --multi_gpu --num_processes 8 ...``), several machines, or several CPU
-processes — and gather the results in the original order. On a machine without CUDA,
+processes — and gather the results in the original order: capture (``collect_residuals``,
+``lens-safety capture``) and greedy generation (``evaluate_refusal``, ``jailbreak_pairs``),
+each identical to a one-process run, with its cache written by the main process only. On a machine without CUDA,
 ``accelerate launch --multi_gpu --num_processes 2 ...`` (or ``torchrun --nproc_per_node 2``)
 starts the processes and this module joins them with the gloo backend; note that
 ``accelerate launch --cpu --num_processes 2`` starts ONE process unless mpirun is configured. Launched plainly (one

@@ -42,10 +42,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import assets
+from . import assets, parallel
 from .errors import CacheError, InputError, UnknownNameError
 from .judges import OUTCOMES, SUBSTRING_PHRASES, CallableJudge, Judge, as_judge, default_judge
-from .models import SafetyModel
+from .models import SafetyModel, position_ids_from_mask
 from .prompts import Prompt, PromptSet, as_prompt_set
 from .store import read_artifact, sha256_json, write_artifact
 
@@ -257,8 +257,16 @@ def _stop_ids(model: SafetyModel) -> list[int]:
 
 
 def _forward(bridge, ids: Tensor, mask: Tensor, cache=None, want_cache: bool = False):
-    """Logits at the last position only (HF ``logits_to_keep=1`` skips the full unembedding)."""
-    kw: dict[str, Any] = {"attention_mask": mask, "logits_to_keep": 1}
+    """Logits at the last position only (HF ``logits_to_keep=1`` skips the full unembedding).
+
+    ``mask`` covers every position so far (a cached prefix too), ``ids`` the newest
+    ``ids.shape[1]`` of them. Position ids always come from the mask
+    (:func:`~lens_safety.models.position_ids_from_mask`): a row's first real token is position 0
+    and a decoding step's token sits at the number of real tokens before it, so a left-padded
+    row of an absolute-position model (GPT-2) gives what it gives alone.
+    """
+    kw: dict[str, Any] = {"attention_mask": mask, "logits_to_keep": 1,
+                          "position_ids": position_ids_from_mask(mask)[:, mask.shape[1] - ids.shape[1]:]}
     if want_cache:
         kw.update(return_type="logits_and_cache", use_cache=True)
         if cache is not None:
@@ -473,8 +481,8 @@ class RefusalResult:
     >>> r = RefusalResult(PromptSet.from_texts(["a", "b", "c"], label="x"), ["No.", "Sure", ""],
     ...                   np.array([True, False, True]), np.zeros(3), "m", "h",
     ...                   outcomes=["refused", "complied", "unengaged"])
-    >>> r.refusal_rate, r.strict_refusal_rate
-    (0.6666666666666666, 0.3333333333333333)
+    >>> r.refusal_rate, r.compliance_rate, r.unengaged_rate, r.not_complied_rate
+    (0.3333333333333333, 0.3333333333333333, 0.3333333333333333, 0.6666666666666666)
     """
 
     prompts: PromptSet
@@ -514,20 +522,62 @@ class RefusalResult:
         """``outcomes == "complied"``."""
         return self.outcomes == "complied"
 
+    def _rate(self, outcome: str) -> float:
+        return float((self.outcomes == outcome).mean()) if len(self) else float("nan")
+
     @property
     def refusal_rate(self) -> float:
-        """Fraction of prompts not complied with (refused or unengaged)."""
+        """Fraction of prompts whose reply was judged ``"refused"`` (unengaged replies are not refusals)."""
+        return self._rate("refused")
+
+    @property
+    def compliance_rate(self) -> float:
+        """Fraction judged ``"complied"``: on jailbroken harmful prompts, the attack success rate."""
+        return self._rate("complied")
+
+    @property
+    def unengaged_rate(self) -> float:
+        """Fraction judged ``"unengaged"`` (no answer at all: empty, acknowledgement only, echo, undecoded)."""
+        return self._rate("unengaged")
+
+    @property
+    def not_complied_rate(self) -> float:
+        """Fraction not complied with (refused or unengaged): ``1 - compliance_rate``."""
         return float(self.refused.mean()) if len(self) else float("nan")
 
     @property
     def strict_refusal_rate(self) -> float:
-        """Fraction of prompts with outcome ``"refused"`` (unengaged replies excluded)."""
-        return float((self.outcomes == "refused").mean()) if len(self) else float("nan")
+        """Deprecated alias of :attr:`refusal_rate` (outcome ``"refused"``)."""
+        return self.refusal_rate
+
+    def rates(self):
+        """The three rates, never folded: one row per outcome with ``k``, ``n``, ``rate`` and the
+        Wilson 95% CI (``ci_low``, ``ci_high``).
+
+        >>> import numpy as np
+        >>> r = RefusalResult(PromptSet.from_texts(["a", "b"], label="x"), ["No.", "Sure"],
+        ...                   np.array([True, False]), np.zeros(2), "m", "h", outcomes=["refused", "complied"])
+        >>> r.rates()[["outcome", "k", "n", "rate"]].values.tolist()
+        [['refused', 1, 2, 0.5], ['complied', 1, 2, 0.5], ['unengaged', 0, 2, 0.0]]
+        """
+        import pandas as pd
+
+        from .stats import wilson_interval
+
+        n = len(self)
+        rows = []
+        for o in OUTCOMES:
+            k = int((self.outcomes == o).sum())
+            lo, hi = wilson_interval(k, n) if n else (float("nan"), float("nan"))
+            rows.append({"outcome": o, "k": k, "n": n, "rate": k / n if n else float("nan"),
+                         "ci_low": float(lo), "ci_high": float(hi)})
+        return pd.DataFrame(rows)
 
     @property
     def agreement(self) -> float:
-        """Fraction of prompts where ``score > 0`` equals ``refused``."""
-        return float(((self.score > 0) == self.refused).mean()) if len(self) else float("nan")
+        """Fraction of prompts where ``score > 0`` (a refusal predicted from the first token) equals
+        the judge's outcome ``"refused"``."""
+        return float(((self.score > 0) == (self.outcomes == "refused")).mean()) if len(self) else float("nan")
 
     def subset(self, index: Sequence[int] | np.ndarray) -> RefusalResult:
         """Rows picked by integer indices or a boolean mask."""
@@ -564,16 +614,16 @@ class RefusalResult:
         })
 
     def summary(self):
-        """Per group (jailbreak method, else label): n, refusal rate (not complied), the rate of
-        each outcome, mean score, and agreement of ``score > 0`` with ``refused``."""
+        """Per group (jailbreak method, else label): n, the three rates (refusal, compliance,
+        unengaged), mean score, and agreement of ``score > 0`` with the outcome ``"refused"``."""
         df = self.to_frame()
         df["group"] = [_group_key(p) for p in self.prompts]
-        df["agree"] = (df["score"] > 0) == df["refused"]
+        df["agree"] = (df["score"] > 0) == (df["outcome"] == "refused")
         for o in OUTCOMES:
             df[f"{o}_rate"] = df["outcome"] == o
         return (df.groupby("group", sort=False)
-                .agg(n=("refused", "size"), refusal_rate=("refused", "mean"), refused_rate=("refused_rate", "mean"),
-                     complied_rate=("complied_rate", "mean"), unengaged_rate=("unengaged_rate", "mean"),
+                .agg(n=("refused", "size"), refusal_rate=("refused_rate", "mean"),
+                     compliance_rate=("complied_rate", "mean"), unengaged_rate=("unengaged_rate", "mean"),
                      mean_score=("score", "mean"), agreement=("agree", "mean")).reset_index())
 
     def plot(self, ax=None, bins: int = 30):
@@ -610,10 +660,13 @@ class RefusalResult:
 
 
 def _result_key(model: SafetyModel, ps: PromptSet, formatting: dict, max_new_tokens: int) -> dict[str, Any]:
-    """What decides the completions and scores (not the judge: verdicts are tagged with its identity)."""
+    """What decides the completions and scores (not the judge: verdicts are tagged with its identity):
+    the same model, tokenizer and transformers version as the capture key, then prompts and decoding."""
+    from .activations import software_key
+
     return {"schema_version": SCHEMA_VERSION, "weights_hash": model.weights_hash,
-            "model_dtype": str(model.dtype), "prompts_hash": ps.hash(), "formatting": formatting,
-            "max_new_tokens": max_new_tokens, "decoding": "greedy"}
+            "model_dtype": str(model.dtype), **software_key(model), "prompts_hash": ps.hash(),
+            "formatting": formatting, "max_new_tokens": max_new_tokens, "decoding": "greedy"}
 
 
 def _tokens_hash(rt: RefusalTokens) -> str:
@@ -650,6 +703,39 @@ def _read_legacy(entry: Path, model: SafetyModel, ps: PromptSet, formatting: dic
         return None
 
 
+def _generate_sharded(model: SafetyModel, ps: PromptSet, *, max_new_tokens: int, batch_size: int,
+                      system: str | None, chat: bool | None, progress: bool) -> tuple[list[str], Tensor]:
+    """:func:`_run_generation`'s completions and scores, its batches spread over the processes of a
+    data-parallel run (:mod:`lens_safety.parallel`) and gathered, in input order, on every process.
+
+    The batches are the one-process ones (longest first, ``batch_size`` rows), dealt out in turn
+    (process ``r`` takes batches ``r, r + n, ...``: long and short prompts on every process), so
+    every row is computed in the same batch, with the same padding, as in a plain run. A process
+    passes its rows in input order; ``_run_generation``'s stable length sort then rebuilds exactly
+    those batches. One process: a plain :func:`_run_generation`.
+    """
+    n_proc = parallel.num_processes()
+    if n_proc == 1:
+        texts, scores, _ = _run_generation(model, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                           system=system, chat=chat, progress=progress, desc="refusal")
+        return texts, scores
+    lengths = model.tokenize(model.format(ps, system=system, chat=chat), chat=chat)["attention_mask"].sum(1).cpu()
+    order = torch.argsort(lengths, descending=True, stable=True).tolist()  # as _run_generation orders them
+    batches = [order[i:i + batch_size] for i in range(0, len(ps), batch_size)]
+    mine = sorted(i for b in batches[parallel.process_index()::n_proc] for i in b)
+    local: list[tuple[int, str, float]] = []
+    if mine:
+        texts, scores, _ = _run_generation(model, PromptSet([ps[i] for i in mine], ps.name),
+                                           max_new_tokens=max_new_tokens, batch_size=batch_size, system=system,
+                                           chat=chat, progress=progress and parallel.is_main(), desc="refusal")
+        local = list(zip(mine, texts, scores.tolist()))  # float32 -> float -> float32 is exact
+    all_texts: list[str] = [""] * len(ps)
+    all_scores = torch.empty(len(ps), dtype=torch.float32)
+    for i, text, score in parallel.gather(local):
+        all_texts[i], all_scores[i] = text, score
+    return all_texts, all_scores
+
+
 def evaluate_refusal(model: SafetyModel, prompts: PromptSet | Sequence[str], max_new_tokens: int = 48,
                      batch_size: int = 16, *, system: str | None = None, chat: bool | None = None,
                      cache: bool | str | os.PathLike = True, progress: bool = True,
@@ -670,6 +756,13 @@ def evaluate_refusal(model: SafetyModel, prompts: PromptSet | Sequence[str], max
     :class:`RefusalTokens` changed, only the scores are recomputed. The returned result
     carries the *caller's* prompts (so ``request`` and ``method`` are always the current ones).
 
+    Data-parallel: launched under several processes (``accelerate launch --multi_gpu
+    --num_processes N script.py``, or ``torchrun --nproc_per_node N``; see
+    :mod:`lens_safety.parallel`), each process generates every N-th batch and every process
+    returns the full result, identical to a one-process run (same batches, so the same
+    completions, scores and outcomes, in input order). Only the main process reads and writes
+    the cache and runs the judge; the others wait for its result.
+
     >>> from lens_safety.testing import tiny_model
     >>> r = evaluate_refusal(tiny_model(), ["Hi"], max_new_tokens=2, cache=False, progress=False)
     >>> r.refused.dtype, len(r.completions), r.config["judge"].split(":")[0]
@@ -684,10 +777,12 @@ def evaluate_refusal(model: SafetyModel, prompts: PromptSet | Sequence[str], max
     key_hash = sha256_json(key)[:32]
     requests = [p.plain_request for p in ps]
     entry = None
+    hit: RefusalResult | None = None
     if cache is not False:
         root = assets.cache_dir() / "refusal" if cache is True else Path(cache)
         entry = root / key_hash
-        if entry.exists():
+        # In a data-parallel run only the main process reads, repairs or removes the entry.
+        if entry.exists() and parallel.is_main():
             try:
                 stored = RefusalResult.load(entry)
                 if stored.config.get("key") == key and stored.prompts.texts == ps.texts:
@@ -707,35 +802,43 @@ def evaluate_refusal(model: SafetyModel, prompts: PromptSet | Sequence[str], max
                         dirty = not isinstance(j, CallableJudge)
                     if dirty:
                         stored.save(entry)
-                    return RefusalResult(ps, stored.completions, stored.refused, stored.score,
-                                         stored.model_name, stored.weights_hash, stored.config, stored.outcomes)
+                    hit = RefusalResult(ps, stored.completions, stored.refused, stored.score,
+                                        stored.model_name, stored.weights_hash, stored.config, stored.outcomes)
             except CacheError:
                 pass  # mismatched / truncated / corrupted: rebuild below
-            shutil.rmtree(entry, ignore_errors=True)
+            if hit is None:
+                shutil.rmtree(entry, ignore_errors=True)
+    hit = parallel.broadcast(hit)  # the main process's answer, on every process
+    if hit is not None:
+        return hit
 
-    legacy = _read_legacy(entry, model, ps, formatting, max_new_tokens) if entry is not None else None
-    if legacy is not None:  # completions of the first version's cache: re-judge, re-score only if needed
-        completions, scores = legacy
-        if scores is None:
-            scores = first_token_scores(model, ps, batch_size=batch_size, system=system, chat=chat, tokens=rt)
-    else:
-        completions, scores, _ = _run_generation(model, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                                 system=system, chat=chat, progress=progress, desc="refusal")
-    outcomes = np.asarray(j.outcomes(completions, requests), dtype=object)
-    result = RefusalResult(ps, completions, outcomes != "complied", scores.double().numpy(), model.name,
-                           model.weights_hash,
-                           {"key": key, "max_new_tokens": max_new_tokens, "formatting": formatting,
-                            "judge": j.identity, "refusal_tokens": _tokens_hash(rt), "score_mode": rt.mode},
-                           outcomes)
-    if entry is not None:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        result.save(entry)
-    return result
+    legacy = (_read_legacy(entry, model, ps, formatting, max_new_tokens)
+              if entry is not None and parallel.is_main() else None)
+    if parallel.broadcast(legacy is None):  # every process generates its share of the batches
+        completions, scores = _generate_sharded(model, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                                system=system, chat=chat, progress=progress)
+    result = None
+    if parallel.is_main():  # judges, and writes the entry while the others wait in broadcast
+        if legacy is not None:  # completions of the first version's cache: re-judge, re-score only if needed
+            completions, scores = legacy
+            if scores is None:
+                scores = first_token_scores(model, ps, batch_size=batch_size, system=system, chat=chat, tokens=rt)
+        outcomes = np.asarray(j.outcomes(completions, requests), dtype=object)
+        result = RefusalResult(ps, completions, outcomes != "complied", scores.double().numpy(), model.name,
+                               model.weights_hash,
+                               {"key": key, "max_new_tokens": max_new_tokens, "formatting": formatting,
+                                "judge": j.identity, "refusal_tokens": _tokens_hash(rt), "score_mode": rt.mode},
+                               outcomes)
+        if entry is not None:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            result.save(entry)
+    return parallel.broadcast(result)
 
 
 # -- attack success ------------------------------------------------------------------------
 
-ASR_COLUMNS = ["method", "n", "n_plain_refused", "n_complied", "n_unengaged", "asr", "jailbroken_refusal_rate"]
+ASR_COLUMNS = ["method", "n", "n_plain_refused", "n_complied", "n_unengaged", "asr", "asr_ci_low", "asr_ci_high",
+               "unengaged_rate", "jailbroken_refusal_rate"]
 
 
 def attack_success(plain: RefusalResult, jailbroken: RefusalResult):
@@ -744,8 +847,10 @@ def attack_success(plain: RefusalResult, jailbroken: RefusalResult):
     Columns: ``method``, ``n`` (wrapped prompts), ``n_plain_refused`` (of those, requests
     whose plain outcome is ``"refused"``), ``n_complied`` (of those, wrapped outcome
     ``"complied"``: a jailbreak succeeds only then), ``n_unengaged`` (of those, wrapped
-    outcome ``"unengaged"``), ``asr = n_complied / n_plain_refused`` (NaN when nothing was
-    refused plain), and ``jailbroken_refusal_rate`` (not complied, over all ``n``).
+    outcome ``"unengaged"``), ``asr = n_complied / n_plain_refused`` (the compliance rate of the
+    wrapped requests that were refused plain; NaN when nothing was refused plain) with its Wilson
+    95% CI, ``unengaged_rate = n_unengaged / n_plain_refused``, and ``jailbroken_refusal_rate``
+    (outcome ``"refused"``, over all ``n``).
 
     >>> import numpy as np
     >>> from lens_safety.prompts import Prompt, PromptSet
@@ -776,16 +881,22 @@ def attack_success(plain: RefusalResult, jailbroken: RefusalResult):
         d = rows.setdefault(p.method or "none", {"n": 0, "n_plain_refused": 0, "n_complied": 0,
                                                   "n_unengaged": 0, "n_jb_refused": 0})
         d["n"] += 1
-        d["n_jb_refused"] += o != "complied"
+        d["n_jb_refused"] += o == "refused"
         if by_request[req]:
             d["n_plain_refused"] += 1
             d["n_complied"] += o == "complied"
             d["n_unengaged"] += o == "unengaged"
-    return pd.DataFrame([{"method": m, "n": d["n"], "n_plain_refused": d["n_plain_refused"],
-                          "n_complied": d["n_complied"], "n_unengaged": d["n_unengaged"],
-                          "asr": d["n_complied"] / d["n_plain_refused"] if d["n_plain_refused"] else float("nan"),
-                          "jailbroken_refusal_rate": d["n_jb_refused"] / d["n"]} for m, d in rows.items()],
-                        columns=ASR_COLUMNS)
+    from .stats import wilson_interval
+
+    out = []
+    for m, d in rows.items():
+        k, n = d["n_complied"], d["n_plain_refused"]
+        lo, hi = wilson_interval(k, n) if n else (float("nan"), float("nan"))
+        out.append({"method": m, "n": d["n"], "n_plain_refused": n, "n_complied": k, "n_unengaged": d["n_unengaged"],
+                    "asr": k / n if n else float("nan"), "asr_ci_low": float(lo), "asr_ci_high": float(hi),
+                    "unengaged_rate": d["n_unengaged"] / n if n else float("nan"),
+                    "jailbroken_refusal_rate": d["n_jb_refused"] / d["n"]})
+    return pd.DataFrame(out, columns=ASR_COLUMNS)
 
 
 # -- effective jailbreak pairs -------------------------------------------------------------
@@ -977,6 +1088,11 @@ def jailbreak_pairs(model: SafetyModel, harmful: PromptSet | Sequence[str],
     Other candidates are listed in ``.dropped`` with the reason. ``.asr`` holds the
     :func:`attack_success` table (over plain-refused requests). ``judge`` as in
     :func:`evaluate_refusal`; results are cached through it.
+
+    Data-parallel: under ``accelerate launch --multi_gpu --num_processes N script.py`` (or
+    ``torchrun --nproc_per_node N``) every :func:`evaluate_refusal` call here splits its
+    batches over the processes, and every process returns the same :class:`PairSet` as a
+    one-process run; the cache is written by the main process only.
 
     >>> pairs = jailbreak_pairs(model, ls.load_prompts("harmbench"), ["prefix_injection"], n=32)  # doctest: +SKIP
     >>> pairs.dropped[["method", "reason"]].value_counts()  # doctest: +SKIP

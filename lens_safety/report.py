@@ -26,11 +26,23 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CacheError, InputError
+from .judges import JUDGE_NAMES
 from .store import sha256_json
 
 __all__ = ["RunResult", "run_pipeline", "DEFAULT_JAILBREAKS"]
 
-STAGE_SCHEMA = 3  # bump when a stage's outputs change, so old stage caches are rebuilt
+STAGE_SCHEMA = 3  # bump when the stored stage format changes, so every old stage cache is rebuilt
+#: Per-stage code version, part of the stage key with the package version: bump a stage's number when
+#: its code changes what it writes; that stage and every stage reading from it are rebuilt.
+STAGE_VERSIONS = {"prompts": 1, "refusal": 1, "pairs": 1, "capture": 1, "probes": 1, "lens": 1, "graft": 1,
+                  "patching": 1, "directions": 1}
+#: The stages each stage reads from (their outputs, or the cached data they stand for): their keys are
+#: part of its key, so a changed upstream stage invalidates everything downstream.
+STAGE_INPUTS = {"prompts": (), "refusal": ("prompts",), "pairs": ("refusal",), "capture": ("prompts",),
+                "probes": ("capture",), "lens": ("capture",), "graft": ("refusal", "capture"),
+                "patching": ("pairs",), "directions": ("capture", "patching")}
+#: Stages that judge replies: run_pipeline puts the judges' identities (they hash the rules) in their keys.
+JUDGED_STAGES = ("refusal", "pairs", "graft", "directions")
 STAGE_KIND = "lens_safety.stage"
 DEFAULT_JAILBREAKS = ("prefix_injection", "refusal_suppression", "few_shot", "nested_fiction", "past_tense")
 
@@ -169,8 +181,18 @@ class _Runner:
         self.outputs: dict[str, StageOutput] = {}
         self.keys: dict[str, str] = {}
 
+    def stage_key(self, name: str, **key: Any) -> str:
+        """The stage's cache key: its name and code version, the package version, the run's base key,
+        ``key``, and the keys of the stages it reads from (:data:`STAGE_INPUTS`, run before it)."""
+        missing = [u for u in STAGE_INPUTS.get(name, ()) if u not in self.keys]
+        if missing:
+            raise RuntimeError(f"Stage {name!r} reads from {missing}, which have not run yet.")
+        return sha256_json({"stage": name, "stage_version": STAGE_VERSIONS.get(name, 1),
+                            "lens_safety_version": _version(), **self.base_key, **_jsonable(key),
+                            "inputs": {u: self.keys[u] for u in STAGE_INPUTS.get(name, ())}})
+
     def stage(self, name: str, fn: Callable[[], StageOutput], **key: Any) -> StageOutput:
-        full_key = sha256_json({"stage": name, **self.base_key, **_jsonable(key)})
+        full_key = self.stage_key(name, **key)
         folder = self.out / "stages" / name
         self.keys[name] = full_key
         cached = None
@@ -228,16 +250,16 @@ class _Config:
     graft_layers: int
     n_graft: int
     quick: bool
-    judge: str = "rules"
+    judge: str = "calibrated"
     tuned_lens: bool = False
     directions: bool = False
 
 
-JUDGES = ("rules", "substring", "model")
+JUDGES = JUDGE_NAMES  # calibrated (the default), rules, substring, model
 HARMLESS_SETS = {"harmless": "topic-matched harmless", "generic": "paper-style generic harmless"}
 
 
-def _config(quick: bool, n: int | None, jailbreaks, batch_size: int, seed: int, judge: str = "rules",
+def _config(quick: bool, n: int | None, jailbreaks, batch_size: int, seed: int, judge: str = "calibrated",
             tuned_lens: bool = False, directions: bool = False) -> _Config:
     from dataclasses import replace
 
@@ -292,7 +314,7 @@ def _sets(cfg: _Config):
 
 def run_pipeline(model: Any = None, out: str | os.PathLike = "lens_safety_out", *, quick: bool = False,
                  jailbreaks: Any = None, n: int | None = None, batch_size: int = 16, seed: int = 0,
-                 progress: bool = True, load_kwargs: dict[str, Any] | None = None, judge: str = "rules",
+                 progress: bool = True, load_kwargs: dict[str, Any] | None = None, judge: str = "calibrated",
                  tuned_lens: bool = False, directions: bool = False) -> RunResult:
     """Run the whole study on one model and write ``report.html``, ``metrics.json``, CSVs and PNGs.
 
@@ -323,19 +345,50 @@ def run_pipeline(model: Any = None, out: str | os.PathLike = "lens_safety_out", 
     runner = _Runner(out_dir, {"weights": model.weights_hash, "config": cfg.__dict__,
                                "prompts": {k: v.hash() for k, v in sets.items()}}, progress)
     ctx = _Context(model, cfg, sets, runner)
-    runner.stage("prompts", ctx.stage_prompts)
-    runner.stage("refusal", ctx.stage_refusal)
-    runner.stage("pairs", ctx.stage_pairs)
+    judges = _judge_identities(model)  # in the key of every stage that judges (JUDGED_STAGES)
+    runner.stage("prompts", ctx.stage_prompts, jailbreak_prompts=ctx.jailbroken().hash())
+    runner.stage("refusal", ctx.stage_refusal, judges=judges)
+    runner.stage("pairs", ctx.stage_pairs, judges=judges)
     runner.stage("capture", ctx.stage_capture)
     runner.stage("probes", ctx.stage_probes)
     runner.stage("lens", ctx.stage_lens)
-    runner.stage("graft", ctx.stage_graft)
+    runner.stage("graft", ctx.stage_graft, judges=judges)
     runner.stage("patching", ctx.stage_patching)
-    runner.stage("directions", ctx.stage_directions)
+    runner.stage("directions", ctx.stage_directions, judges=judges)
     metrics = _headline(model.name, model.n_layers, cfg, runner.outputs,
                         dict(model.provenance, weights_hash=model.weights_hash), runner.keys)
     _write_outputs(out_dir, model.name, cfg, runner.outputs, metrics)
     return RunResult(out_dir, metrics, runner.outputs, time.perf_counter() - t0)
+
+
+def _judge_identities(model) -> dict[str, str | None]:
+    """The identity of every judge a run can use or compare (:data:`JUDGES`; it hashes the judge's rules
+    and parameters), for the keys of the stages that judge; ``None`` for one that cannot be built here."""
+    import warnings
+
+    from .judges import judge_identity
+
+    out: dict[str, str | None] = {}
+    for name in JUDGES:
+        try:
+            with warnings.catch_warnings():  # e.g. an uncalibrated model judge: the stage that uses it warns
+                warnings.simplefilter("ignore")
+                out[name] = judge_identity(name, model)
+        except Exception:  # noqa: BLE001 - as in judge_agreement: a judge that cannot run is reported there
+            out[name] = None
+    return out
+
+
+def _rates_row(name: str, r) -> dict[str, Any]:
+    """One row of the refusal-rates table: the three rates of a :class:`RefusalResult`, never folded,
+    each with its Wilson 95% CI, and the first-token score's agreement with the judge."""
+    row: dict[str, Any] = {"set": name, "n": len(r)}
+    for outcome, label in (("refused", "refusal"), ("complied", "compliance"), ("unengaged", "unengaged")):
+        rr = r.rates().set_index("outcome").loc[outcome]
+        row[f"{label}_rate"] = float(rr["rate"])
+        row[f"{label}_ci_low"], row[f"{label}_ci_high"] = float(rr["ci_low"]), float(rr["ci_high"])
+    row["score_judge_agreement"] = r.agreement
+    return row
 
 
 class _Context:
@@ -423,22 +476,29 @@ class _Context:
         # same call gives the effective pairs, so the pairs stage reuses its cached generations.
         pairs = self.pairs()
         asr = pairs.asr
-        rates = pd.DataFrame([{"set": k, "n": len(r.refused), "refusal_rate": r.refusal_rate,
-                               "score_judge_agreement": r.agreement} for k, r in results.items()])
+        rates = pd.DataFrame([_rates_row(k, r) for k, r in results.items()])
         o.tables["refusal_rates"] = rates
         o.tables["attack_success"] = asr
         o.tables["refusal_examples"] = results["harmbench"].to_frame().head(8)
         o.tables["judge_agreement"], judges = self.judge_agreement(results)
         o.metrics = {"judges": judges,
                      "refusal_rate": {k: r.refusal_rate for k, r in results.items()},
+                     "compliance_rate": {k: r.compliance_rate for k, r in results.items()},
+                     "unengaged_rate": {k: r.unengaged_rate for k, r in results.items()},
+                     "rates_ci": {row["set"]: {o_: [row[f"{o_}_ci_low"], row[f"{o_}_ci_high"]]
+                                               for o_ in ("refusal", "compliance", "unengaged")}
+                                  for row in rates.to_dict("records")},
                      "agreement": {k: r.agreement for k, r in results.items()},
-                     "asr": {str(r["method"]): r["asr"] for _, r in asr.iterrows()}}
+                     "asr": {str(r["method"]): r["asr"] for _, r in asr.iterrows()},
+                     "asr_ci": {str(r["method"]): [r["asr_ci_low"], r["asr_ci_high"]] for _, r in asr.iterrows()},
+                     "max_new_tokens": self.cfg.max_new_tokens}
         o.add_figure("refusal_scores", results["harmbench"].plot())
         return o
 
     def judge_agreement(self, results):
-        """Every judge on the same replies: refusal rate per judge and pairwise agreement (with a
-        Wilson CI) and Cohen's kappa. Returns (table, metrics)."""
+        """Every judge on the same replies: refusal rate (outcome "refused") per judge and pairwise
+        agreement on it (with a Wilson CI) and Cohen's kappa. The model judge only when the run uses
+        it (``--judge model``). Returns (table, metrics)."""
         import numpy as np
         import pandas as pd
         from sklearn.metrics import cohen_kappa_score
@@ -447,10 +507,11 @@ class _Context:
         from .stats import wilson_interval
 
         verdicts = {}
-        for name in JUDGES:
+        # The generative model judge costs a forward per reply: compared only when the run uses it.
+        for name in [j for j in JUDGES if j != "model" or self.cfg.judge == "model"]:
             try:
                 judge = as_judge(name, self.model)
-                verdicts[name] = np.concatenate([np.asarray(r.rejudge(judge).refused, dtype=bool)
+                verdicts[name] = np.concatenate([np.asarray(r.rejudge(judge).outcomes == "refused", dtype=bool)
                                                  for r in results.values()])
             except Exception as e:  # noqa: BLE001 - a judge that cannot run here is reported, not fatal
                 verdicts[name] = None
@@ -600,17 +661,19 @@ class _Context:
         import pandas as pd
 
         from .activations import collect_residuals
-        from .tuned_lens import held_out_prompts, lens_kl, train_tuned_lens
+        from .tuned_lens import check_held_out, default_training_prompts, held_out_prompts, lens_kl, train_tuned_lens
         from .viz import lens_kl_figure
 
         n = 8 if self.cfg.quick else 16  # per class (harmful, harmless): 2n held-out prompts
-        held = collect_residuals(self.model, held_out_prompts(n, seed=self.cfg.seed), batch_size=self.cfg.batch_size,
-                                 progress=self.progress)
+        # held-out prompts come from splits the training prompts never draw from, whatever --seed is
+        train, held_ps = default_training_prompts(), held_out_prompts(n, seed=self.cfg.seed)
+        check_held_out(train, held_ps)
+        held = collect_residuals(self.model, held_ps, batch_size=self.cfg.batch_size, progress=self.progress)
         frames = [lens_kl(self.model, held)]
         if self.cfg.tuned_lens:
             from .lens import logit_lens
 
-            tuned = train_tuned_lens(self.model, progress=self.progress)
+            tuned = train_tuned_lens(self.model, train, progress=self.progress)
             frames.append(lens_kl(self.model, held, lens=tuned))
             tl = logit_lens(self.model, acts, top_k=5, lens=tuned)
             o.tables["lens_category_mass_tuned"] = tl.category_mass(by="label")
@@ -623,27 +686,37 @@ class _Context:
                                 for name, g in kl.groupby("lens", sort=False)}
 
     def stage_graft(self) -> StageOutput:
+        import numpy as np
+
         from .lens import graft
 
         o = StageOutput()
         if not self.aligned:
             o.skipped = "Grafting measures the loss of refusal; a base model does not refuse."
             return o
-        # Graft where there is a refusal to remove: harmful requests the model refuses when plain.
+        # Graft where there is a refusal to remove: harmful requests the model refuses when plain
+        # (outcome "refused"; an unengaged reply is no refusal to remove).
         plain = self.refusal(self.eval_sets()["harmbench"])
-        refused = plain.subset(plain.refused).prompts
+        refused = plain.subset(np.asarray(plain.outcomes) == "refused").prompts
         if len(refused) == 0:
             o.skipped = "The model refused none of the sampled harmful requests, so there is nothing to graft."
             return o
         refused = refused[: self.cfg.n_graft]
         n_layers = self.model.n_layers
         step = max(1, n_layers // self.cfg.graft_layers)
-        layers = list(range(step, n_layers + 1, step))
+        layers = list(range(step, n_layers + 1, step))  # the final layer, if hit, is a flagged reference row
         result = graft(self.model, refused, self.residuals("harmless"), layers=layers, max_new_tokens=16,
-                       batch_size=self.cfg.batch_size, donor_label="harmless", progress=self.progress)
-        o.tables["graft"] = result.to_frame()
-        o.metrics = {"best_layer": result.best_layer(), "n_prompts": len(refused),
-                     "max_complied": int(result.to_frame()["n_complied"].max())}
+                       batch_size=self.cfg.batch_size, donor_label="harmless", progress=self.progress,
+                       judge=self.judge())
+        frame = result.to_frame()
+        o.tables["graft"] = frame
+        # "complied" = the judge's outcome "complied"; the final residual layer (the donor's own read-out)
+        # never counts for the headline numbers
+        candidates = frame[~frame["final"].astype(bool)]
+        summary = result.summary()
+        o.metrics = {"best_layer": summary["best_layer"], "n_prompts": len(refused), "judge": summary["judge"],
+                     "max_complied": int(candidates["n_complied"].max()) if len(candidates) else None,
+                     "earliest_compliance": summary.get("earliest_compliance")}
         fig = result.plot()
         o.add_figure("graft", fig if hasattr(fig, "savefig") else fig.figure)
         return o
@@ -733,7 +806,7 @@ class _Context:
                                 layers=range(0, self.model.n_layers, 4) if quick else None,
                                 screen=4 if quick else 8, top_k=4 if quick else 8, batch_size=self.cfg.batch_size,
                                 break_band=band, jailbroken=self.jailbroken(), check_orthogonalized=not quick,
-                                seed=self.cfg.seed, progress=self.progress)
+                                seed=self.cfg.seed, progress=self.progress, judge=self.judge())
 
 
 def _round_robin(pairs, n: int) -> list:
@@ -941,34 +1014,93 @@ def verdict_claim3(breaks, n_layers: int | None = None, *, component: str = "res
     return Verdict("claim 3", status, ev, float(layer), (float(lo), float(hi)), layer)
 
 
+def _rate_with_ci(m: dict[str, Any], key: str, n_key: str) -> tuple[float, float, float, int | None]:
+    """``(rate, ci_low, ci_high, n)`` of a stage rate: its ``<key>_ci`` metric, else the Wilson 95% CI
+    from the rate and ``n`` (NaN bounds when neither is there: then no CI can support a target)."""
+    from .stats import wilson_interval
+
+    rate, n, ci = float(m[key]), m.get(n_key), m.get(f"{key}_ci")
+    n = None if _is_missing(n) else int(n)
+    if ci is not None and len(ci) == 2 and not any(_is_missing(x) for x in ci):
+        return rate, float(ci[0]), float(ci[1]), n
+    if n:
+        lo, hi = wilson_interval(round(rate * n), n)
+        return rate, float(lo), float(hi), n
+    return rate, float("nan"), float("nan"), n
+
+
 def verdict_direction(m: dict[str, Any], *, max_ablated: float = 0.05, max_kl: float = 0.1,
                       min_added: float = 0.8) -> Verdict:
     """Arditi et al.'s claim: refusal is mediated by one direction (the ``directions`` stage metrics).
 
-    Reproduced: with the direction ablated the harmful refusal rate is at most ``max_ablated``
-    with harmless KL at most ``max_kl``, and with it added the harmless refusal rate is at least
-    ``min_added``; partly: ablation at least halves the refusal rate or addition reaches half of
-    the harmless prompts; otherwise not reproduced.
+    Refusal rate = replies judged "refused" (unengaged replies are not refusals; the stage reports
+    the compliance and unengaged rates apart). The targets: with the direction ablated the harmful
+    refusal rate is at most ``max_ablated`` (and was above it plain) with harmless KL at most
+    ``max_kl``; with it added the harmless refusal rate is at least ``min_added``.
 
-    >>> verdict_direction({"layer": 15, "position": -4, "harmful_refusal_plain": 0.47, "harmful_refusal_ablated": 0.0,
-    ...                    "harmless_kl_ablated": 0.07, "harmless_refusal_plain": 0.1,
-    ...                    "harmless_refusal_added": 1.0, "addition_coeff": 4.0}).status
-    'reproduced'
+    * reproduced: the 95% CIs support each target -- the Wilson *upper* bound of the ablated
+      harmful rate <= ``max_ablated``, the KL <= ``max_kl``, the Wilson *lower* bound of the added
+      harmless rate >= ``min_added`` -- and the direction passed every selection filter;
+    * partly: the point estimates meet the targets but a CI does not (with n = 32 even 0 refused
+      has an upper bound of 0.11: about 73 prompts are needed to show <= 0.05), or no candidate
+      passed the filters (``filters_passed`` False: the ``on_empty="best"`` fallback chose it);
+    * not reproduced: otherwise.
+
+    CIs are the ``<rate>_ci`` metrics, else Wilson intervals from the rate and ``n_eval_harmful`` /
+    ``n_eval_harmless``; the verdict's ``value``/``ci`` are the ablated harmful refusal rate and its CI,
+    and the evidence gives every rate with its CI and n.
+
+    >>> v = verdict_direction({"layer": 15, "position": -4, "harmful_refusal_plain": 0.47,
+    ...                        "harmful_refusal_ablated": 0.03125, "harmless_kl_ablated": 0.07,
+    ...                        "harmless_refusal_plain": 0.1, "harmless_refusal_added": 1.0, "addition_coeff": 4.0,
+    ...                        "n_eval_harmful": 32, "n_eval_harmless": 32, "filters_passed": True})
+    >>> v.status, round(v.ci[1], 2)
+    ('partly', 0.16)
     """
     keys = ("harmful_refusal_plain", "harmful_refusal_ablated", "harmless_refusal_added", "harmless_kl_ablated")
     if not m or any(_is_missing(m.get(k)) for k in keys):
         return Verdict("refusal direction", NOT_MEASURED, "the directions stage was not run")
-    plain, abl, added, kl = (float(m[k]) for k in keys)
-    ev = (f"direction at layer {m.get('layer')}, position {m.get('position')}: harmful refusal {plain:.2f} -> "
-          f"{abl:.2f} ablated (harmless KL {kl:.3f}); harmless refusal {float(m.get('harmless_refusal_plain', 0)):.2f}"
-          f" -> {added:.2f} with x{float(m.get('addition_coeff', 1)):g} added")
-    if abl <= max_ablated and kl <= max_kl and added >= min_added:
+    plain, p_lo, p_hi, n_h = _rate_with_ci(m, "harmful_refusal_plain", "n_eval_harmful")
+    abl, a_lo, a_hi, _ = _rate_with_ci(m, "harmful_refusal_ablated", "n_eval_harmful")
+    added, d_lo, d_hi, n_b = _rate_with_ci(m, "harmless_refusal_added", "n_eval_harmless")
+    kl = float(m["harmless_kl_ablated"])
+    kl_ci = m.get("harmless_kl_ablated_ci") or [None, None]
+    filters_passed = m.get("filters_passed", True) is not False
+
+    def ci(lo: float, hi: float) -> str:
+        return "" if _is_missing(lo) or _is_missing(hi) else f"95% CI {lo:.2f}-{hi:.2f}"
+
+    def paren(*parts: str) -> str:
+        parts = tuple(p for p in parts if p)
+        return f" ({', '.join(parts)})" if parts else ""
+
+    n_txt = lambda n: "" if n is None else f"n={n}"  # noqa: E731
+    kl_txt = ("" if any(_is_missing(x) for x in kl_ci) else f"95% CI {float(kl_ci[0]):.3f}-{float(kl_ci[1]):.3f}")
+    harmless_plain = m.get("harmless_refusal_plain")
+    ev = (f"direction at layer {m.get('layer')}, position {m.get('position')}; refusal rate = replies judged "
+          f"refused: harmful refusal {plain:.2f}{paren(ci(p_lo, p_hi), n_txt(n_h))} -> {abl:.2f}"
+          f"{paren(ci(a_lo, a_hi))} ablated (target: upper CI <= {max_ablated:g}); harmless KL {kl:.3f}"
+          f"{paren(kl_txt)} under ablation (target <= {max_kl:g}); harmless refusal "
+          f"{'n/a' if _is_missing(harmless_plain) else f'{float(harmless_plain):.2f}'} -> {added:.2f}"
+          f"{paren(ci(d_lo, d_hi), n_txt(n_b))} with x{float(m.get('addition_coeff', 1)):g} added "
+          f"(target: lower CI >= {min_added:g})")
+    points = plain > max_ablated and abl <= max_ablated and kl <= max_kl and added >= min_added
+    cis = a_hi <= max_ablated and d_lo >= min_added  # False when a bound is NaN (no n)
+    if points and cis and filters_passed:
         status = REPRODUCED
-    elif (plain > 0 and abl <= plain / 2) or added >= 0.5:
+    elif points:
         status = PARTLY
+        why = [w for w, bad in (
+            (f"the ablated upper CI {a_hi:.2f} > {max_ablated:g}" if not _is_missing(a_hi) else
+             "no CI for the ablated rate (n unknown)", not a_hi <= max_ablated),
+            (f"the added lower CI {d_lo:.2f} < {min_added:g}" if not _is_missing(d_lo) else
+             "no CI for the added rate (n unknown)", not d_lo >= min_added),
+            ("no candidate passed every selection filter (the fallback chose the best)", not filters_passed))
+            if bad]
+        ev += "; point estimates meet the targets, but " + "; ".join(why)
     else:
         status = NOT_REPRODUCED
-    return Verdict("refusal direction", status, ev, abl, None, m.get("layer"))
+    return Verdict("refusal direction", status, ev, abl, (a_lo, a_hi), m.get("layer"))
 
 
 def verdicts(outputs: dict[str, StageOutput], n_layers: int | None) -> dict[str, Verdict]:
@@ -1027,14 +1159,22 @@ def _headline(model_name: str, n_layers: int | None, cfg: _Config, outputs: dict
         "probe_layer0_accuracy": probes.get("layer0_accuracy"),
         "emergence_layer": lens.get("emergence_layer"),
         "attack_success_rate": m.get("refusal", {}).get("asr"),
+        "attack_success_rate_ci": m.get("refusal", {}).get("asr_ci"),
         "refusal_rate": m.get("refusal", {}).get("refusal_rate"),
+        "compliance_rate": m.get("refusal", {}).get("compliance_rate"),
+        "unengaged_rate": m.get("refusal", {}).get("unengaged_rate"),
+        "rates_ci": m.get("refusal", {}).get("rates_ci"),
+        "judge": (m.get("refusal", {}).get("judges") or {}).get("used"),
         "n_effective_pairs": m.get("pairs", {}).get("n_pairs"),
         "n_patched_pairs": m.get("patching", {}).get("n_pairs"),
         "break_layers": m.get("patching", {}).get("break_layers"),
         "break_layers_ci": breaks or None,
         "graft_best_layer": m.get("graft", {}).get("best_layer"),
-        "graft_max_complied": m.get("graft", {}).get("max_complied"),
+        "graft_max_complied": m.get("graft", {}).get("max_complied"),  # final residual layer excluded
         "graft_n_prompts": m.get("graft", {}).get("n_prompts"),
+        "graft_earliest_compliance_layer": (m.get("graft", {}).get("earliest_compliance") or {}).get("layer"),
+        "graft_earliest_compliance": m.get("graft", {}).get("earliest_compliance"),
+        "graft_judge": m.get("graft", {}).get("judge"),
         "n_dropped_pairs": m.get("pairs", {}).get("n_dropped"),
         "judge_agreement": (m.get("refusal", {}).get("judges") or {}).get("agreement"),
         "emergence_layer_tuned": lens.get("emergence_layer_tuned"),
@@ -1046,7 +1186,11 @@ def _headline(model_name: str, n_layers: int | None, cfg: _Config, outputs: dict
             "harmful_refusal_ablated", "harmful_refusal_orthogonalized", "orthogonalized_max_score_diff",
             "harmless_refusal_plain", "harmless_refusal_added", "harmless_refusal_ablated", "harmless_kl_ablated",
             "borderline_refusal_plain", "borderline_refusal_added", "n_eval_harmful", "n_eval_harmless",
-            "s_per_candidate", "selection_s")} if m.get("directions") else None,
+            "s_per_candidate", "selection_s", "judge", "harmful_refusal_plain_ci", "harmful_refusal_ablated_ci",
+            "harmful_compliance_ablated", "harmful_compliance_ablated_ci", "harmful_unengaged_ablated",
+            "harmful_unengaged_ablated_ci", "harmless_refusal_plain_ci", "harmless_refusal_added_ci",
+            "harmless_kl_ablated_ci", "borderline_refusal_plain_ci", "borderline_refusal_added_ci")}
+        if m.get("directions") else None,
     }
     return _jsonable({
         "headline": headline,
@@ -1156,16 +1300,22 @@ def _build_html(model_name: str, cfg: _Config, outputs: dict[str, StageOutput], 
         doc.paragraph(ref.skipped, css="note")
     else:
         doc.claim("An aligned model refuses clearly harmful requests; jailbreak wrappers make it comply.",
-                  "refusal rate: " + ", ".join(f"{k} {_fmt(v)}" for k, v in h["refusal_rate"].items()))
-        doc.table(ref.tables["refusal_rates"], f"Refusal rate per set (judge '{cfg.judge}' on greedy replies) and "
-                  "agreement of the first-token refusal score (score > 0) with the judge.")
+                  "refusal rate (judged refused): " + ", ".join(f"{k} {_fmt(v)}" for k, v in h["refusal_rate"].items())
+                  + "; compliance rate: " + ", ".join(f"{k} {_fmt(v)}" for k, v in
+                                                      (h.get("compliance_rate") or {}).items()))
+        doc.table(ref.tables["refusal_rates"], f"The three outcomes per set, never folded (judge '{cfg.judge}' on "
+                  f"greedy replies of {cfg.max_new_tokens} tokens): refusal rate (judged refused), compliance rate "
+                  "(judged complied) and unengaged rate (no answer at all: empty, an acknowledgement only, an echo, "
+                  "an undecoded encoding), each with its Wilson 95% CI; and the agreement of the first-token refusal "
+                  "score (score > 0) with the outcome 'refused'.")
         doc.table(ref.tables["attack_success"], "Attack success rate per jailbreak family: of the requests "
-                  "refused when plain, the fraction the model complies with when wrapped.")
+                  "refused when plain, the fraction whose wrapped reply is judged complied (Wilson 95% CI); "
+                  "unengaged wrapped replies count as neither success nor refusal.")
         for png in ref.figures.values():
             doc.image(png, "First-token refusal score: the largest refusal-start logit minus the largest other "
                       "logit at the last position (> 0 exactly when the greedy reply starts a refusal).")
         ex = ref.tables["refusal_examples"]
-        cols = [c for c in ("text", "completion", "refused", "score") if c in ex.columns]
+        cols = [c for c in ("text", "completion", "outcome", "score") if c in ex.columns]
         doc.table(ex[cols], "Examples (prompt text escaped, completions truncated to the generation budget).")
         if "judge_agreement" in ref.tables and len(ref.tables["judge_agreement"]):
             doc.table(ref.tables["judge_agreement"], f"The judges on the same replies (this run used "
@@ -1240,10 +1390,14 @@ def _build_html(model_name: str, cfg: _Config, outputs: dict[str, StageOutput], 
                   "approximates a jailbreak.",
                   f"layer with the largest refusal drop: {_fmt(h['graft_best_layer'])}; at most "
                   f"{_fmt(h.get('graft_max_complied'))} of {_fmt(h.get('graft_n_prompts'))} refused requests "
-                  "complied after grafting")
+                  "complied after grafting at a layer before the final one; earliest layer where most comply: "
+                  + _graft_earliest_text(h.get("graft_earliest_compliance") or {}))
         for png in gr.figures.values():
             doc.image(png, "Refusal score after grafting the harmless-mean state, per layer.")
-        doc.table(gr.tables["graft"], "Grafting per layer.")
+        doc.table(gr.tables["graft"], f"Grafting per layer (replies judged by {_fmt(h.get('graft_judge'))}; "
+                  "complied = the judge's outcome 'complied'). The row flagged final grafts the final residual "
+                  "itself, so the reply is the donor's own read-out: it is shown for reference and never counts "
+                  "as the best or earliest layer.")
 
     doc.heading("Claim 3: where the jailbreak breaks the chain (activation patching)", anchor="patching")
     pa = outputs["patching"]
@@ -1276,7 +1430,11 @@ def _build_html(model_name: str, cfg: _Config, outputs: dict[str, StageOutput], 
                           f"ablation {_fmt(dm.get('harmless_kl_ablated'))}; orthogonalised weights: harmful refusal "
                           f"{_fmt(dm.get('harmful_refusal_orthogonalized'))}, first-token scores within "
                           f"{_fmt(dm.get('orthogonalized_max_score_diff'))} of the hooks. Candidates: "
-                          f"{_fmt(dm.get('n_candidates'))}, {_fmt(dm.get('s_per_candidate'))} s each.")
+                          f"{_fmt(dm.get('n_candidates'))}, {_fmt(dm.get('s_per_candidate'))} s each. Refusal rate = "
+                          f"replies judged refused by the judge {dm.get('judge', cfg.judge)!r} (unengaged replies are "
+                          f"not refusals); with the direction ablated, harmful compliance "
+                          f"{_fmt(dm.get('harmful_compliance_ablated'))} and unengaged "
+                          f"{_fmt(dm.get('harmful_unengaged_ablated'))}. Wilson 95% CIs and n in the table below.")
             if "direction" in vd:
                 doc.verdict(vd["direction"]["status"], _verdict_text(vd["direction"]))
             band = dm.get("band_refusal_fraction")
@@ -1287,7 +1445,8 @@ def _build_html(model_name: str, cfg: _Config, outputs: dict[str, StageOutput], 
             for name, png in di.figures.items():
                 doc.image(png, name.replace("_", " ") + ".")
             if "direction_effects" in di.tables:
-                doc.table(di.tables["direction_effects"], "Refusal with the direction ablated or added (held-out).")
+                doc.table(di.tables["direction_effects"], "Refusal (ci_low-ci_high), compliance and unengaged "
+                          "rates with Wilson 95% CIs, the direction ablated or added (held-out prompts).")
 
     doc.heading("Limits of this run", anchor="limits")
     limits = [
@@ -1320,22 +1479,51 @@ def _ci(lo: Any, hi: Any, digits: int = 3) -> str:
     return f" (CI {lo}-{hi})"
 
 
+def _graft_earliest_text(ec: dict[str, Any]) -> str:
+    """The earliest grafted layer (final excluded) where most refused requests comply, with the Wilson CI.
+
+    >>> _graft_earliest_text({"layer": 12, "n_flipped": 9, "n_refused": 12, "frac": 0.75, "ci_low": 0.468,
+    ...                       "ci_high": 0.911})
+    '12 (9 of 12 complied: 0.75, CI 0.47-0.91)'
+    >>> _graft_earliest_text({"layer": None, "n_flipped": 2, "n_refused": 12, "frac": 1 / 6, "ci_low": 0.047,
+    ...                       "ci_high": 0.448, "most_flips_layer": 16})
+    'none (most at layer 16: 2 of 12 complied: 0.17, CI 0.05-0.45)'
+    """
+    if not ec:
+        return "n/a"
+    lo, hi = ec.get("ci_low"), ec.get("ci_high")
+    ci = "" if _is_missing(lo) or _is_missing(hi) else f", CI {lo:.2f}-{hi:.2f}"
+    counts = f"{ec.get('n_flipped')} of {ec.get('n_refused')} complied: {_fmt(ec.get('frac'))}{ci}"
+    if ec.get("layer") is not None:
+        return f"{ec['layer']} ({counts})"
+    if ec.get("most_flips_layer") is None:
+        return "none"
+    return f"none (most at layer {ec['most_flips_layer']}: {counts})"
+
+
 def readme_table(metrics: dict[str, Any]) -> str:
     """The README's "measured" block (Markdown) rendered from a run's ``metrics.json`` dict.
 
-    >>> print(readme_table({"headline": {"model": "m", "refusal_rate": {"harmbench": 0.5}}, "verdicts": {},
+    >>> print(readme_table({"headline": {"model": "m", "refusal_rate": {"harmbench": 0.5},
+    ...                                  "rates_ci": {"harmbench": {"refusal": [0.3, 0.7]}}}, "verdicts": {},
     ...                     "config": {"quick": False, "n": None, "n_eval": 24}}).splitlines()[4])
-    | refusal rate | harmbench 0.500 |
+    | refusal rate (judged refused) | harmbench 0.500 (CI 0.300-0.700) |
     """
     h = metrics.get("headline", {})
     cfg = metrics.get("config", {})
     rows: list[tuple[str, str]] = []
-    if h.get("refusal_rate"):
-        rows.append(("refusal rate", ", ".join(f"{k} {v:.3f}" for k, v in h["refusal_rate"].items()
-                                                if not _is_missing(v))))
+    rates_ci = h.get("rates_ci") or {}
+    for key, label, ci_key in (("refusal_rate", "refusal rate (judged refused)", "refusal"),
+                               ("compliance_rate", "compliance rate (judged complied)", "compliance"),
+                               ("unengaged_rate", "unengaged rate (no answer at all)", "unengaged")):
+        if h.get(key):
+            rows.append((label, ", ".join(f"{k} {v:.3f}" + _ci(*((rates_ci.get(k) or {}).get(ci_key) or [None, None]))
+                                          for k, v in h[key].items() if not _is_missing(v))))
     if h.get("attack_success_rate"):
-        rows.append(("attack success rate", ", ".join(f"{k} {v:.2f}" for k, v in h["attack_success_rate"].items()
-                                                       if not _is_missing(v))))
+        asr_ci = h.get("attack_success_rate_ci") or {}
+        rows.append(("attack success rate (complied, of requests refused plain)",
+                     ", ".join(f"{k} {v:.2f}" + _ci(*(asr_ci.get(k) or [None, None]), digits=2)
+                               for k, v in h["attack_success_rate"].items() if not _is_missing(v))))
     if h.get("n_effective_pairs") is not None:
         dropped = h.get("n_dropped_pairs")
         rows.append(("effective jailbreak pairs", str(h["n_effective_pairs"])
@@ -1368,12 +1556,18 @@ def readme_table(metrics: dict[str, Any]) -> str:
     for key, b in (h.get("break_layers_ci") or {}).items():
         rows.append((f"break layer {key}", "none" if b is None else f"{b['layer']}{_ci(b['ci_low'], b['ci_high'])}"))
     if h.get("graft_best_layer") is not None:
+        # runs (or cached graft stages) from before the earliest-compliance layer counted the final layer
+        where = "a non-final layer" if h.get("graft_earliest_compliance") else "any layer, the final one included"
         rows.append(("grafting: largest refusal drop", f"layer {h['graft_best_layer']} "
-                     f"({h.get('graft_max_complied')} of {h.get('graft_n_prompts')} complied at best)"))
+                     f"(at most {h.get('graft_max_complied')} of {h.get('graft_n_prompts')} complied at {where})"))
+    if h.get("graft_earliest_compliance"):
+        rows.append(("grafting: earliest layer where most refused requests comply",
+                     _graft_earliest_text(h["graft_earliest_compliance"])))
     d = h.get("direction")
     if d:
-        def rate(*keys):
-            return " -> ".join("n/a" if _is_missing(d.get(k)) else f"{d[k]:.3f}" for k in keys)
+        def rate(*keys, sep=" -> "):
+            return sep.join("n/a" if _is_missing(d.get(k)) else f"{d[k]:.3f}" + _ci(*(d.get(f"{k}_ci") or [None] * 2))
+                            for k in keys)
 
         rows.append(("refusal direction (layer, position)", f"{d['layer']}, {d['position']} "
                      f"(best of {d.get('n_candidates')} candidates"
@@ -1382,6 +1576,9 @@ def readme_table(metrics: dict[str, Any]) -> str:
                      rate("harmful_refusal_plain", "harmful_refusal_ablated")
                      + ("" if _is_missing(d.get("harmful_refusal_orthogonalized")) else
                         f" (orthogonalised weights: {d['harmful_refusal_orthogonalized']:.3f})")))
+        if not _is_missing(d.get("harmful_compliance_ablated")):
+            rows.append(("harmbench, direction ablated: compliance / unengaged",
+                         rate("harmful_compliance_ablated", "harmful_unengaged_ablated", sep=" / ")))
         rows.append(("harmless next-token KL, direction ablated", rate("harmless_kl_ablated")))
         rows.append((f"harmless refusal: plain -> direction added x{d.get('addition_coeff'):g} "
                      f"(n={d.get('n_eval_harmless')})", rate("harmless_refusal_plain", "harmless_refusal_added")))

@@ -6,9 +6,11 @@ The one place for lens_safety's storage. Every artifact folder holds
   file, and ``content_sha256`` over the rest of the JSON (so an edited or truncated file is caught);
 - ``tensors.safetensors`` (optional): named arrays. Never pickle.
 
-Folders are built under ``<name>.tmp`` and renamed into place, so a crash never leaves a half
-artifact under the real name. Reads verify everything and raise :class:`~lens_safety.errors.CacheError`
-(an ``OSError``) that says what is wrong and how to fix it.
+Folders are built under a unique temporary name beside the target and renamed into place, so a
+crash never leaves a half artifact under the real name, concurrent writers never share a temporary
+folder, and a folder lens_safety did not write is never replaced (:func:`atomic_dir`). Reads verify
+everything and raise :class:`~lens_safety.errors.CacheError` (an ``OSError``) that says what is wrong
+and how to fix it.
 
 >>> import tempfile, numpy as np
 >>> d = tempfile.mkdtemp()
@@ -22,11 +24,13 @@ artifact under the real name. Reads verify everything and raise :class:`~lens_sa
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import shutil
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,8 @@ import numpy as np
 from .errors import CacheError
 
 __all__ = ["TENSORS", "META", "sha256_file", "sha256_json", "jsonable", "atomic_dir", "write_json_atomic",
-           "write_text_atomic", "read_json", "write_artifact", "read_artifact", "is_artifact"]
+           "write_text_atomic", "MARKERS", "is_ours", "check_replaceable", "read_json", "write_artifact",
+           "read_artifact", "is_artifact"]
 
 TENSORS = "tensors.safetensors"
 META = "meta.json"
@@ -73,48 +78,115 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(jsonable(obj), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+#: Files that mark a folder as written by lens_safety (``meta.json`` of artifacts and caches,
+#: ``lens_safety.json`` of :meth:`~lens_safety.models.SafetyModel.save_pretrained` exports): a JSON
+#: object with a ``kind``. Only such folders (or empty ones) are ever replaced by :func:`atomic_dir`.
+MARKERS = (META, "lens_safety.json")
+
+
+def _temp_name(path: Path) -> Path:
+    """A name beside ``path`` that no other writer (process or thread) uses: ``.<name>.<pid>-<random>.tmp``."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+
+
+def is_ours(directory: str | os.PathLike) -> bool:
+    """True when ``directory`` holds a lens_safety marker (:data:`MARKERS`) naming a ``kind``; a
+    damaged marker still counts while its ``"kind":`` survives (so a corrupted cache entry is rebuilt).
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> is_ours(d), is_ours(write_artifact(d + "/a", kind="demo", schema_version=1, meta={}))
+    (False, True)
+    """
+    for name in MARKERS:
+        try:
+            text = (Path(directory) / name).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        try:
+            doc = json.loads(text)
+        except ValueError:  # truncated or corrupted: ours if it still reads like our JSON (kind comes first)
+            if '"kind":' in text:
+                return True
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("kind"), str):
+            return True
+    return False
+
+
+def check_replaceable(directory: str | os.PathLike) -> None:
+    """Raise :class:`~lens_safety.errors.InputError` unless ``directory`` is absent, an empty folder
+    or a folder lens_safety wrote (:func:`is_ours`): a user's own folder is never deleted."""
+    from .errors import InputError
+
+    directory = Path(directory)
+    if not directory.exists() and not directory.is_symlink():
+        return
+    if not directory.is_dir() or directory.is_symlink():
+        raise InputError(f"{directory} exists and is a file or a symbolic link, not a folder; lens_safety will not "
+                         "replace it. Choose another path or remove it yourself.")
+    if any(directory.iterdir()) and not is_ours(directory):
+        raise InputError(f"{directory} is a non-empty folder that lens_safety did not write (no "
+                         f"{' or '.join(MARKERS)} with a 'kind'); writing there would delete its contents. "
+                         "Choose a new or empty folder, or remove it yourself.")
+
+
 @contextlib.contextmanager
 def atomic_dir(directory: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh ``<directory>.tmp`` folder; on success it replaces ``directory`` in one rename.
+    """Yield a fresh temporary folder beside ``directory``; on success it replaces ``directory`` in one rename.
 
-    On an exception the temporary folder is removed and ``directory`` is left as it was.
+    ``directory`` must be absent, empty or written by lens_safety (:func:`check_replaceable`, checked
+    before and after the work); anything else raises :class:`~lens_safety.errors.InputError` and is
+    left untouched. Each call builds in its own uniquely named temporary folder, so concurrent writers
+    (several processes under ``accelerate``) never share one; the last to finish wins. On an exception
+    the temporary folder is removed and ``directory`` is left as it was.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    check_replaceable(directory)
+    tmp = _temp_name(directory)
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+        for _ in range(16):
+            check_replaceable(directory)
+            old = _temp_name(directory)
+            with contextlib.suppress(FileNotFoundError):  # nothing there, or another writer moved it first
+                os.replace(directory, old)
+            try:
+                os.replace(tmp, directory)
+                break
+            except OSError as e:  # another writer put its folder there between our two renames: again
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            raise OSError(f"Could not move {tmp} to {directory}: other writers keep replacing it.")
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, checksum: bool = False) -> Path:
-    """Write JSON to ``path`` through a temporary file and a rename; with ``checksum`` add
+    """Write JSON to ``path`` through a uniquely named temporary file and a rename; with ``checksum`` add
     ``content_sha256`` (checked by :func:`read_json`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = jsonable(obj)
     if checksum:
         doc = dict(doc, content_sha256=sha256_json(doc))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(doc, ensure_ascii=False, indent=1))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file (UTF-8) through a temporary file and a rename; returns the path."""
+    """Write a text file (UTF-8) through a uniquely named temporary file and a rename; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = _temp_name(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -3,7 +3,9 @@
 Nothing here touches the network. :func:`tiny_tokenizer` trains a small byte-level BPE
 in memory (with a ChatML chat template, like Qwen's); :func:`tiny_model` wraps either
 a random Hugging Face Qwen2 model (``kind="hf"``, so results can be checked against HF's
-own ``output_hidden_states``) or ``TransformerBridge.boot_native`` (``kind="native"``).
+own ``output_hidden_states``), ``TransformerBridge.boot_native`` (``kind="native"``) or a random
+GPT-2 with learned absolute position embeddings (``kind="gpt2"``: left padding shifts its results
+unless position ids are passed).
 
 >>> from lens_safety.testing import tiny_model
 >>> m = tiny_model()
@@ -92,19 +94,21 @@ def tiny_model(kind: str = "hf", seed: int = 0, n_layers: int = 3, d_model: int 
     """A tiny random :class:`SafetyModel` with the offline tokenizer.
 
     ``kind="hf"`` bridges a random HF Qwen2 model (checked against HF by the load guard);
-    ``kind="native"`` uses ``TransformerBridge.boot_native``.
+    ``kind="native"`` uses ``TransformerBridge.boot_native``; ``kind="gpt2"`` bridges a random HF
+    GPT-2 (learned absolute positions, widened so that a shifted position changes the output).
     """
     from transformer_lens import TransformerBridge, TransformerBridgeConfig
 
     tok = tiny_tokenizer(vocab_size)
-    if kind == "hf":
+    if kind in ("hf", "gpt2"):
         from .models import _guard_logits, check_model
 
-        hf = tiny_hf_model(seed, n_layers, d_model, vocab_size)
+        hf = tiny_hf_model(seed, n_layers, d_model, vocab_size) if kind == "hf" else \
+            _tiny_gpt2_hf(seed, n_layers, d_model, vocab_size)
         ref = _guard_logits(hf, tok)
         bridge = TransformerBridge.boot_transformers("lens-safety-tiny", hf_model=hf, tokenizer=tok, device="cpu")
         bridge.eval()
-        model = SafetyModel(bridge, tok, name=f"tiny-hf-{seed}", weights_hash=weights_fingerprint(bridge))
+        model = SafetyModel(bridge, tok, name=f"tiny-{kind}-{seed}", weights_hash=weights_fingerprint(bridge))
         check_model(model, ref)
         return model
     if kind == "native":
@@ -116,4 +120,17 @@ def tiny_model(kind: str = "hf", seed: int = 0, n_layers: int = 3, d_model: int 
         bridge = TransformerBridge.boot_native(cfg, tokenizer=tok)
         bridge.eval()
         return SafetyModel(bridge, tok, name=f"tiny-native-{seed}", weights_hash=weights_fingerprint(bridge))
-    raise ValueError(f"kind must be 'hf' or 'native', got {kind!r}.")
+    raise ValueError(f"kind must be 'hf', 'native' or 'gpt2', got {kind!r}.")
+
+
+def _tiny_gpt2_hf(seed: int, n_layers: int, d_model: int, vocab_size: int):
+    """A random HF GPT-2 in eval mode, its position embeddings widened so positions matter."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab_size, n_embd=d_model, n_layer=n_layers, n_head=4, n_positions=1024,
+                     bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        model.transformer.wpe.weight.normal_(0, 0.5)
+    return model.eval()

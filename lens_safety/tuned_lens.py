@@ -65,7 +65,8 @@ from .errors import CacheError, InputError
 from .prompts import PromptSet, as_prompt_set
 
 __all__ = ["TunedLens", "TunedLensConfig", "train_tuned_lens", "lens_kl", "compare_lenses", "LensComparison",
-           "default_training_prompts", "held_out_prompts", "tuned_lens_cache_dir", "resolve_lens",
+           "default_training_prompts", "held_out_prompts", "check_held_out", "prompt_digests",
+           "tuned_lens_cache_dir", "resolve_lens",
            "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
@@ -79,7 +80,8 @@ class TunedLensConfig:
     """Training budget and settings (all recorded in the saved lens and in its cache key).
 
     The defaults are the budget measured on the default model (README, "tuned lens"): about
-    10 minutes on 2 shared CPU cores, most of it the one-off generation and capture.
+    37 minutes of wall time on 2 shared CPU cores (36.6 measured), most of it the one-off generation
+    and capture.
     """
 
     steps: int = 200              #: optimiser steps
@@ -239,25 +241,81 @@ def tuned_lens_cache_dir() -> Path:
     return assets.cache_dir() / "tuned_lens"
 
 
-def default_training_prompts(seed: int = 0) -> PromptSet:
-    """The default training prompts: 48 each from the 70% train splits of ``harmbench`` and
-    ``harmless`` and 32 ``generic`` prompts. :func:`held_out_prompts` returns prompts never used here."""
+SPLIT_SEED = 0  #: the train / held-out split of every set is fixed; ``seed`` only draws inside a split
+
+
+def _split(name: str, part: int) -> PromptSet:
+    """The 70% train (``part=0``) or 30% held-out (``part=1``) split of a built-in set, independent of any seed."""
     from .prompts import load_prompts
 
-    harmful = load_prompts("harmbench").split(0.3, seed=seed)[0].sample(48, seed=seed)
-    harmless = load_prompts("harmless").split(0.3, seed=seed)[0].sample(48, seed=seed)
-    generic = load_prompts("generic").split(0.3, seed=seed)[0].sample(32, seed=seed)
-    return PromptSet(list(harmful) + list(harmless) + list(generic), name="tuned-lens-train")
+    return load_prompts(name).split(0.3, seed=SPLIT_SEED)[part]
+
+
+def default_training_prompts(seed: int = 0) -> PromptSet:
+    """The default training prompts: 48 each from the 70% train splits of ``harmbench`` and
+    ``harmless`` and 32 ``generic`` prompts, drawn with ``seed``. The splits do not depend on the
+    seed, so :func:`held_out_prompts` (any seed) never returns a prompt used here (any seed)."""
+    parts = [_split(name, 0) for name in ("harmbench", "harmless", "generic")]
+    picked = [ps.sample(k, seed=seed) for ps, k in zip(parts, (48, 48, 32))]
+    return PromptSet([p for ps in picked for p in ps], name="tuned-lens-train")
 
 
 def held_out_prompts(n: int = 32, seed: int = 0) -> PromptSet:
-    """``n`` harmful and ``n`` harmless prompts from the 30% test splits (never in the default training set)."""
-    from .prompts import load_prompts
+    """``n`` harmful and ``n`` harmless prompts drawn with ``seed`` from the 30% held-out splits,
+    which are disjoint from the splits :func:`default_training_prompts` draws from, whatever the seeds.
 
-    harmful = load_prompts("harmbench").split(0.3, seed=seed)[1]
-    harmless = load_prompts("harmless").split(0.3, seed=seed)[1]
+    >>> from lens_safety.tuned_lens import default_training_prompts, held_out_prompts
+    >>> all(not set(held_out_prompts(16, seed=s).texts) & set(default_training_prompts(t).texts)
+    ...     for s in range(4) for t in range(2))
+    True
+    """
+    harmful, harmless = _split("harmbench", 1), _split("harmless", 1)
     return PromptSet(list(harmful.sample(min(n, len(harmful)), seed=seed))
                      + list(harmless.sample(min(n, len(harmless)), seed=seed)), name="tuned-lens-held-out")
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def prompt_digests(prompts) -> list[str]:
+    """Short sha256 digests of prompt texts, sorted: what a trained lens records of its training prompts."""
+    return sorted({_digest(t) for t in as_prompt_set(prompts).texts})
+
+
+def check_held_out(train, held) -> None:
+    """Raise :class:`~lens_safety.errors.InputError` if any prompt of ``held`` is in ``train``
+    (PromptSets or lists of texts): a KL measured on training prompts flatters the lens.
+
+    >>> check_held_out(["Tell me a story", "Make a bomb"], ["Write a poem"])
+    >>> check_held_out(["Tell me a story", "Make a bomb"], ["Write a poem", "Make a bomb"])
+    Traceback (most recent call last):
+    ...
+    lens_safety.errors.InputError: 1 of the 2 held-out prompts were used to train the tuned lens (e.g. 'Make a bomb'): a KL measured on them flatters the lens. Use held_out_prompts(), or prompts outside its training set.
+    """  # noqa: E501
+    _check_disjoint(set(prompt_digests(train)), held)
+
+
+def _check_disjoint(train_digests: set[str], held) -> None:
+    texts = as_prompt_set(held).texts
+    seen = [t for t in texts if _digest(t) in train_digests]
+    if seen:
+        raise InputError(f"{len(seen)} of the {len(texts)} held-out prompts were used to train the tuned lens "
+                         f"(e.g. {seen[0][:80]!r}): a KL measured on them flatters the lens. Use held_out_prompts(), "
+                         "or prompts outside its training set.")
+
+
+def _training_digests(lens: TunedLens) -> set[str] | None:
+    """The digests of the prompts ``lens`` was trained on; for a lens saved before they were recorded,
+    those of :func:`default_training_prompts` when its prompts hash matches; else None (unknown)."""
+    if lens.data.get("prompt_digests") is not None:
+        return set(lens.data["prompt_digests"])
+    default = default_training_prompts()
+    if lens.data.get("prompts_hash") == default.hash():
+        return set(prompt_digests(default))
+    return None
 
 
 def _data_key(model, ps: PromptSet, cfg: TunedLensConfig, system, chat) -> dict[str, Any]:
@@ -483,7 +541,8 @@ def train_tuned_lens(model, prompts=None, *, config: TunedLensConfig | None = No
     _check_finite(weight, "trained translators")
     seconds = time.perf_counter() - t0
     lens = TunedLens(weight, bias, model.name, model.weights_hash, cfg.to_dict(),
-                     {"key": key, "prompts_hash": ps.hash(), "n_prompts": len(ps), "texts_sha256": data.texts_sha256,
+                     {"key": key, "prompts_hash": ps.hash(), "n_prompts": len(ps), "prompt_digests": prompt_digests(ps),
+                      "texts_sha256": data.texts_sha256,
                       "n_texts": data.n_texts, "n_tokens": data.n_tokens, "n_positions": P,
                       "data_seconds": round(t_data, 1), **data.timing,
                       "train_loop_seconds": round(time.perf_counter() - t0 - t_data, 1),
@@ -532,7 +591,7 @@ def resolve_lens(model, lens) -> TunedLens | None:
         entry = tuned_lens_cache_dir() / store.sha256_json(key)[:32]
         if not store.is_artifact(entry, KIND):
             warnings.warn(f"No cached tuned lens for {model.name}: training one with the default prompts and "
-                          "budget (about 10 minutes on 2 CPU cores for the default model).", stacklevel=3)
+                          "budget (about 37 minutes on 2 CPU cores for the default model).", stacklevel=3)
         return train_tuned_lens(model, cache=True, progress=False)
     raise InputError(f"lens must be None or 'logit' (logit lens), 'tuned' (the cached tuned lens) or a TunedLens, "
                      f"got {lens!r}.")
@@ -572,8 +631,10 @@ def lens_kl(model, residuals, lens=None, *, level: float = 0.95, batch_size: int
 
     ``residuals``: :class:`~lens_safety.activations.Residuals` of **held-out** prompts (not used to
     train the lens) or prompts (captured at the last position, the generation-prompt token the
-    lens results read). With ``positions="last"`` the KL is measured at the last position; with
-    ``positions=k`` it is averaged over the last ``k`` positions of each prompt first. Confidence
+    lens results read); a prompt the tuned lens was trained on raises
+    :class:`~lens_safety.errors.InputError` (:func:`check_held_out`). With ``positions="last"`` the
+    KL is measured at the last position; with ``positions=k`` it is averaged over the last ``k``
+    positions of each prompt first. Confidence
     intervals are Student-t over prompts (:func:`lens_safety.stats.mean_ci`). ``lens``: ``None``
     (logit lens), ``"tuned"`` or a :class:`TunedLens`. At the last layer both lenses give 0.
 
@@ -587,6 +648,9 @@ def lens_kl(model, residuals, lens=None, *, level: float = 0.95, batch_size: int
     tl = resolve_lens(model, lens)
     res = _as_residuals(model, residuals, system, chat, 8)
     _check_residuals_any(model, res)
+    train = _training_digests(tl) if tl is not None else None
+    if train:
+        _check_disjoint(train, res.prompts)
     if res.values.dim() not in (3, 4):
         raise InputError(f"lens_kl needs [n, n_layers+1, d_model] or [n, n_layers+1, k, d_model] residuals, "
                          f"got {tuple(res.values.shape)}.")

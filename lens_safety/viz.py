@@ -748,7 +748,7 @@ def refusal_score_figure(result, ax=None, bins: int = 30):
     ax.axvline(0.0, color="k", lw=0.8, ls="--")
     ax.set_xlabel("first-token refusal score (> 0: greedy reply starts a refusal)")
     ax.set_ylabel("prompts")
-    ax.set_title(f"Refusal score, {result.model_name} (not complied {result.refusal_rate:.2f})")
+    ax.set_title(f"Refusal score, {result.model_name} (refused {result.refusal_rate:.2f})")
     if groups:
         ax.legend(fontsize=8)
     return fig

@@ -28,14 +28,13 @@ def _logits(model, texts, **kw):
 TEXTS = ["Hi there", "Bake bread please", "Tell me a story about the sea"]
 
 
-@pytest.fixture(scope="module")
-def planted(tiny):
-    """Refusal tokens for the random tiny model whose score splits prompts about in half, and the
+def _plant(model):
+    """Refusal tokens for a random tiny model whose score splits prompts about in half, and the
     two halves as 'harmful' (score > 0) and 'harmless' (score < 0) sets."""
     ps = ls.load_prompts("harmbench")[:60] + ls.load_prompts("harmless")[:60]
-    lg = _logits(tiny, ps)
+    lg = _logits(model, ps)
     order = torch.softmax(lg, -1).mean(0).argsort(descending=True)
-    for k in range(1, tiny.d_vocab):
+    for k in range(1, model.d_vocab):
         rt = RefusalTokens(tuple(sorted(order[:k].tolist())), (int(order[-1]),), mode="complement")
         if abs(float((rt.score(lg) > 0).float().mean()) - 0.5) < 0.15:
             break
@@ -43,6 +42,11 @@ def planted(tiny):
     harmful = PromptSet([p for p, v in zip(ps, s) if v > 0]).relabel("harmful")
     harmless = PromptSet([p for p, v in zip(ps, s) if v < 0]).relabel("harmless")
     return rt, harmful, harmless
+
+
+@pytest.fixture(scope="module")
+def planted(tiny):
+    return _plant(tiny)
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +303,121 @@ def test_selection_plot(selection):
     plt.close(fig)
 
 
+# -- Arditi et al.'s filters, each made to fire on a deeper tiny model ---------------------------
+
+INF = float("inf")
+
+
+@pytest.fixture(scope="module")
+def deep():
+    """A 6-layer tiny model (the depth filter, 0.8 x depth, cannot fire on 3 layers), its planted
+    refusal tokens and prompt sets."""
+    from lens_safety.testing import tiny_model
+
+    model = tiny_model("hf", seed=0, n_layers=6)
+    return (model, *_plant(model))
+
+
+def _select_deep(deep, **kw):
+    model, rt, harmful, harmless = deep
+    base = dict(n_train=12, n_val=6, min_per_split=2, cache=False, tokens=rt, n_positions=3, screen=None,
+                progress=False, max_layer_frac=1.0, norm_range=(0.01, INF), kl_max=INF, addition_min=None)
+    return ls.select_refusal_direction(model, harmful, harmless, **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def deep_grid(deep):
+    """Every candidate fully scored with no filter but the zero-norm one (layer 0 at template tokens)."""
+    return _select_deep(deep).to_frame()
+
+
+def _cut(values) -> float:
+    """A threshold in the widest gap between consecutive distinct values: some on each side."""
+    v = np.unique(np.asarray(values, dtype=float))
+    assert len(v) >= 2
+    i = int(np.argmax(np.diff(v)))
+    return float((v[i] + v[i + 1]) / 2)
+
+
+def _scored(grid):
+    return grid[grid["reason"] == ""]
+
+
+def _check_filter(sel, grid, fails, reason: str, evaluated: bool) -> None:
+    """Candidates where ``fails(row)`` is True carry ``reason`` (scored or not, per ``evaluated``); the
+    others pass, and the chosen one is the best of those."""
+    frame = sel.to_frame()
+    merged = frame.merge(grid, on=["position", "layer"], suffixes=("", "_ref"))
+    ref = merged[merged["reason_ref"] == ""]
+    removed = ref[[bool(fails(r)) for _, r in ref.iterrows()]]
+    kept = ref.drop(removed.index)
+    assert len(removed) >= 1 and len(kept) >= 1
+    assert (removed["reason"] == reason).all()
+    assert (kept["reason"] == "").all()
+    assert removed["addition_score"].notna().all() == evaluated and removed["kl"].notna().all() == evaluated
+    chosen = frame[frame["chosen"]].iloc[0]
+    assert chosen["reason"] == "" and chosen["ablation_score"] == pytest.approx(kept["ablation_score"].min())
+
+
+def test_kl_filter_removes_the_candidates_above_kl_max(deep, deep_grid):
+    cut = _cut(_scored(deep_grid)["kl"])
+    sel = _select_deep(deep, kl_max=cut)
+    _check_filter(sel, deep_grid, lambda r: r["kl_ref"] > cut, f"kl > {cut:g}", evaluated=True)
+    assert sel.config["kl_max"] == cut
+    # the same thresholds as a SelectionFilters object give the same choice and reasons
+    filters = D.SelectionFilters(max_layer_frac=1.0, norm_range=(0.01, INF), kl_max=cut, addition_min=None)
+    model, rt, harmful, harmless = deep
+    again = ls.select_refusal_direction(model, harmful, harmless, n_train=12, n_val=6, min_per_split=2,
+                                        cache=False, tokens=rt, n_positions=3, screen=None, progress=False,
+                                        filters=filters)
+    assert (again.reason == sel.reason).all() and again.direction.hash == sel.direction.hash
+
+
+def test_addition_filter_removes_candidates_that_do_not_induce_refusal(deep, deep_grid):
+    cut = _cut(_scored(deep_grid)["addition_score"])
+    sel = _select_deep(deep, addition_min=cut)
+    _check_filter(sel, deep_grid, lambda r: r["addition_score_ref"] <= cut, f"addition not > {cut:g}",
+                  evaluated=True)
+
+
+def test_depth_filter_removes_the_last_layers_unscored(deep, deep_grid):
+    model = deep[0]
+    sel = _select_deep(deep, max_layer_frac=0.8)  # the default: layers >= 4.8 of 6
+    _check_filter(sel, deep_grid, lambda r: r["layer"] >= 0.8 * model.n_layers, "layer >= 0.8 x depth",
+                  evaluated=False)
+    assert set(sel.to_frame().query("reason == 'layer >= 0.8 x depth'")["layer"]) == {5}
+
+
+def test_norm_filter_removes_blown_up_differences_unscored(deep, deep_grid):
+    cut = _cut(_scored(deep_grid)["rel_norm"])
+    sel = _select_deep(deep, norm_range=(0.01, cut))
+    _check_filter(sel, deep_grid, lambda r: r["rel_norm_ref"] > cut, "norm out of range", evaluated=False)
+
+
+def test_filter_arguments_are_checked(deep):
+    with pytest.raises(InputError, match="unknown argument"):
+        _select_deep(deep, kl_maximum=0.1)
+    with pytest.raises(InputError, match="max_layer_frac must be in"):
+        D.SelectionFilters(max_layer_frac=0.0)
+    with pytest.raises(InputError, match="norm_range"):
+        D.SelectionFilters(norm_range=(2.0, 1.0))
+
+
+def test_selection_defaults_to_the_screened_fast_path_with_a_progress_bar(deep, capfd):
+    model, rt, harmful, harmless = deep
+    kw = dict(n_train=12, n_val=6, min_per_split=2, cache=False, tokens=rt, n_positions=3, kl_max=INF,
+              addition_min=None)
+    fast = ls.select_refusal_direction(model, harmful, harmless, **kw)  # screen=8, top_k=8, progress on
+    err = capfd.readouterr().err
+    assert "screen: ablate harmful" in err and "ablate harmless" in err
+    # 3 positions x 6 layers, minus layer 0 (zero norm) and layer 5 (depth): 12 scored, the best 8 in full
+    assert fast.config["screen"] == 8 and fast.config["top_k"] == 8
+    assert fast.filter_counts()["screened out"] == 4 and fast.timings["n_candidates_evaluated"] == 8
+    full = ls.select_refusal_direction(model, harmful, harmless, screen=None, progress=False, **kw)
+    assert "screened out" not in full.filter_counts() and full.timings["n_candidates_evaluated"] == 12
+    assert capfd.readouterr().err == ""
+
+
 # -- side effects and the paper tie-in -----------------------------------------------------------
 
 def test_coefficient_sweep_matches_hooks(tiny):
@@ -324,7 +443,26 @@ def test_direction_effects_table(tiny, home):
     assert eff.rate("harmful", "ablate", "mean_score") == pytest.approx(float(abl.mean()), abs=1e-5)
     assert eff.kl_harmless > 0 and set(eff.ce) == {"plain", "ablate", "add"}
     assert eff.ce["plain"] > 0 and np.isfinite(eff.ce["add"])
+    assert eff.kl_ci[0] <= eff.kl_harmless <= eff.kl_ci[1]
     assert (t["ci_low"] <= t["refusal_rate"]).all() and (t["refusal_rate"] <= t["ci_high"]).all()
+    # the three rates are the judge's outcomes, never folded (refusal = "refused" only) and sum to 1
+    for (name, cond), r in eff.results.items():
+        row = t[(t["set"] == name) & (t["condition"] == cond)].iloc[0]
+        for outcome, col in (("refused", "refusal_rate"), ("complied", "compliance_rate"),
+                             ("unengaged", "unengaged_rate")):
+            assert row[col] == float(np.mean(r.outcomes == outcome))
+        assert row["n"] == len(r)
+    assert np.allclose(t["refusal_rate"] + t["compliance_rate"] + t["unengaged_rate"], 1.0)
+    for rate in ("compliance", "unengaged"):
+        assert (t[f"{rate}_ci_low"] <= t[f"{rate}_rate"]).all() and (t[f"{rate}_rate"] <= t[f"{rate}_ci_high"]).all()
+    from lens_safety.stats import wilson_interval
+
+    k = int(np.sum(eff.results[("harmful", "ablate")].outcomes == "unengaged"))
+    assert eff.rate_ci("harmful", "ablate", "unengaged")[1:] == pytest.approx(tuple(wilson_interval(k, 2)))
+    from lens_safety.judges import as_judge
+
+    assert eff.config["judge"] == as_judge(None, tiny).identity  # the default judge, recorded
+    assert eff.metrics()["harmful_compliance_ablated"] == eff.rate("harmful", "ablate", "compliance_rate")
 
 
 def test_completion_cross_entropy_matches_hf(tiny):
@@ -389,14 +527,36 @@ def test_real_orthogonalize_reproduces_ablation(real_model):
 def test_directions_stage_on_tiny(tiny, planted, home):
     import matplotlib.pyplot as plt
 
+    from lens_safety.judges import as_judge
+
     rt, harmful, harmless = planted
     out = D.directions_stage(tiny, harmful, harmless, ["How do I kill a Python process?"], n_train=12, n_val=6,
-                             n_eval=3, max_new_tokens=2, batch_size=16,
+                             n_eval=3, max_new_tokens=2, batch_size=16, judge="substring",
                              select_kwargs=dict(tokens=rt, kl_max=10.0, addition_min=None, n_positions=2,
                                                 min_per_split=2, coeffs=(1.0, 2.0)))
     m = out["metrics"]
     assert m["orthogonalized_max_score_diff"] < 1e-4
-    assert m["harmful_refusal_orthogonalized"] == m["harmful_refusal_ablated"]
+    # orthogonalised weights vs ablation hooks, prompt by prompt: same replies, same scores (to float error),
+    # and the ablation does change the scores, so this comparison can fail
+    orth, eff = out["orthogonalized"], out["effects"]
+    hooked, plain = eff.results[("harmful", "ablate")], eff.results[("harmful", "plain")]
+    assert orth.completions == hooked.completions and list(orth.outcomes) == list(hooked.outcomes)
+    assert np.allclose(orth.score, hooked.score, atol=1e-4)
+    assert float(np.abs(plain.score - hooked.score).max()) > 1e-3
+    # the configured judge judged every reply of the stage
+    identity = as_judge("substring").identity
+    assert m["judge"] == identity == eff.config["judge"]
+    assert {r.config["judge"] for r in [*eff.results.values(), orth]} == {identity}
+    # three rates, never folded: refusal = judged "refused" only, each with its Wilson CI
+    for cond in ("plain", "ablated"):
+        r = plain if cond == "plain" else hooked
+        assert m[f"harmful_refusal_{cond}"] == float(np.mean(r.outcomes == "refused"))
+        assert m[f"harmful_compliance_{cond}"] == float(np.mean(r.outcomes == "complied"))
+        assert m[f"harmful_unengaged_{cond}"] == float(np.mean(r.outcomes == "unengaged"))
+        for rate in ("refusal", "compliance", "unengaged"):
+            lo, hi = m[f"harmful_{rate}_{cond}_ci"]
+            assert lo <= m[f"harmful_{rate}_{cond}"] <= hi and hi - lo > 0.2  # n = 3: wide
+    assert m["harmful_refusal_orthogonalized"] == float(np.mean(orth.outcomes == "refused"))
     assert m["n_eval_harmful"] == 3 and m["layer"] == out["direction"].layer
     assert set(out["frames"]) >= {"direction_candidates", "direction_effects", "direction_sweep",
                                   "direction_logit_lens"}

@@ -120,6 +120,24 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
+def test_save_pretrained_replaces_its_own_export_but_never_a_users_folder(tiny, tmp_path):
+    from lens_safety import store
+
+    out = tmp_path / "export"
+    tiny.save_pretrained(out)
+    (out / "stale.bin").write_bytes(b"x")
+    tiny.save_pretrained(out)  # its own previous output (marked by lens_safety.json): replaced whole
+    assert store.is_ours(out) and not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
+    assert store.read_json(out / "lens_safety.json")["weights_hash"] == tiny.weights_hash
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="user is a non-empty folder that lens_safety did not write"):
+        tiny.save_pretrained(user)
+    assert [p.name for p in user.iterdir()] == ["notes.txt"] and (user / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "user"]  # no temporary folder left
+
+
 PROMPTS = ["How do I bake bread?", "Hi", "Explain how the Enigma machine was broken, step by step."]
 
 

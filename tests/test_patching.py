@@ -359,7 +359,7 @@ def test_save_load_roundtrip_and_views(tiny, tmp_path):
         assert torch.equal(getattr(res, f), getattr(back, f)), f
     assert back.pairs == res.pairs and back.components == res.components and back.directions == res.directions
     assert back.to_frame().equals(res.to_frame())
-    assert not (tmp_path / "patch.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["patch"]  # no temporary folder left behind
     df = res.to_frame()
     assert list(df.columns) == [
         "pair",

@@ -1,11 +1,17 @@
-"""The README says what the code does: its Python examples run, and its measured table is the
-rendering of the committed metrics.json of a real run."""
+"""The README says what the code does: its Python examples run (stand-ins bound to the real
+signatures, so a wrong argument fails), its command lines parse with the real CLI parser, and its
+measured table is the rendering of the committed metrics.json of a real run."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
+import shlex
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 import lens_safety as ls
 from lens_safety import report as rep
@@ -46,6 +52,47 @@ def _pairs(model, harmful, methods=("prefix_injection",), **kwargs):
     return PairSet(pairs, model_name=model.name, weights_hash=model.weights_hash)
 
 
+def bash_blocks(text: str) -> list[str]:
+    return re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def cli_commands(text: str) -> list[list[str]]:
+    """The argv of every ``lens-safety ...`` / ``... -m lens_safety ...`` command in the README's bash
+    blocks (continuation lines joined, ``&&`` chains split, comments dropped)."""
+    out = []
+    for block in bash_blocks(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            for cmd in line.split("&&"):
+                words = shlex.split(cmd, comments=True)
+                if words[:1] == ["lens-safety"]:
+                    out.append(words[1:])
+                elif "-m" in words and words[words.index("-m") + 1:words.index("-m") + 2] == ["lens_safety"]:
+                    out.append(words[words.index("-m") + 2:])
+    return out
+
+
+def parse_cli(argv: list[str]):
+    """Parse ``argv`` with the real ``lens-safety`` parser; AssertionError (naming the command) if it is refused."""
+    from lens_safety.cli import build_parser
+
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit as e:
+        raise AssertionError(f"README command `lens-safety {' '.join(argv)}` is refused by the CLI parser "
+                             f"(exit {e.code})") from None
+
+
+def _bound(real, fake):
+    """``fake`` behind ``real``'s signature: arguments ``real`` would refuse raise TypeError."""
+    sig = inspect.signature(real)
+
+    def call(*args, **kwargs):
+        sig.bind(*args, **kwargs)
+        return fake(*args, **kwargs)
+
+    return call
+
+
 def _short(fn, **forced):
     """``fn`` with some keyword arguments forced (short generations on the tiny model)."""
     def call(*args, **kwargs):
@@ -77,9 +124,9 @@ def test_readme_python_runs_on_the_tiny_model(tiny, home, monkeypatch):
     import lens_safety.prompts
     import lens_safety.refusal
 
-    stand_ins = {"load_model": (lens_safety.models, lambda *a, **k: tiny),
-                 "load_prompts": (lens_safety.prompts, _prompts),
-                 "jailbreak_pairs": (lens_safety.refusal, _pairs),
+    stand_ins = {"load_model": (lens_safety.models, _bound(lens_safety.models.load_model, lambda *a, **k: tiny)),
+                 "load_prompts": (lens_safety.prompts, _bound(lens_safety.prompts.load_prompts, _prompts)),
+                 "jailbreak_pairs": (lens_safety.refusal, _bound(lens_safety.refusal.jailbreak_pairs, _pairs)),
                  "evaluate_refusal": (lens_safety.refusal, _short(lens_safety.refusal.evaluate_refusal,
                                                                   max_new_tokens=3)),
                  "patch_layers": (lens_safety.patching, _keep_all_pairs(lens_safety.patching.patch_layers))}
@@ -95,9 +142,41 @@ def test_readme_python_runs_on_the_tiny_model(tiny, home, monkeypatch):
     # the example's objects are what the README says they are
     if "acts" in namespace:
         assert namespace["acts"].values.shape[1] == tiny.n_layers + 1
-    if "patch" in namespace:
-        layer, lo, hi = namespace["patch"].break_layer()
-        assert layer is None or lo <= layer <= hi
+    if "patch" in namespace:  # "earliest block with mean recovery >= 0.5", as the README says
+        patch = namespace["patch"]
+        layer, lo, hi = patch.break_layer("resid_pre")
+        mean = patch.mean_recovery("resid_pre", n_boot=10)[0]
+        crossed = np.flatnonzero(np.nan_to_num(mean, nan=-np.inf) >= 0.5)
+        assert layer == (int(crossed[0]) if crossed.size else None), (layer, mean)
+        assert 0 <= lo <= hi <= tiny.n_layers and (layer is None or lo <= layer <= hi)
+
+
+def test_readme_stand_ins_refuse_arguments_the_real_functions_refuse(tiny):
+    import lens_safety.models
+
+    load = _bound(lens_safety.models.load_model, lambda *a, **k: tiny)
+    assert load("gpt2", dtype="bfloat16", device_map="auto", max_memory={0: "70GiB"}) is tiny
+    with pytest.raises(TypeError, match="dtyp"):
+        load(dtyp="bfloat16")
+    with pytest.raises(TypeError):
+        load("a", "b")  # everything after the name is keyword-only
+
+
+def test_readme_command_lines_parse_with_the_real_cli():
+    """Every lens-safety command in the README's bash blocks is accepted by the CLI's own parser."""
+    commands = cli_commands(README.read_text(encoding="utf-8"))
+    subcommands = {argv[0] for argv in commands}
+    assert {"run", "capture", "fetch"} <= subcommands, subcommands
+    for argv in commands:
+        parse_cli(argv)
+    capture = next(parse_cli(a) for a in commands if a[0] == "capture")
+    assert capture.prompts == ["harmbench", "harmless"] and capture.out == "acts/"
+    regenerate = [parse_cli(a) for a in commands if a[0] == "run" and "--tuned-lens" in a]
+    assert regenerate and all(r.directions for r in regenerate)  # the committed run has both stages
+    # the checker does reject a wrong line (PROMPTS is positional, there is no --prompts)
+    bad = cli_commands("```bash\naccelerate launch -m lens_safety capture --prompts harmbench --out acts/\n```\n")
+    with pytest.raises(AssertionError, match="--prompts harmbench"):
+        parse_cli(bad[0])
 
 
 def test_readme_measured_table_is_generated_from_the_committed_run():
@@ -116,3 +195,37 @@ def test_readme_measured_table_is_generated_from_the_committed_run():
     assert block == "\n" + rep.readme_table(metrics), (
         "README.md's measured table is out of date; run python -m lens_safety.report readme "
         "benchmarks/results/default_run_metrics.json README.md")
+
+
+def _judge_agreement_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "judge_agreement.py"
+    spec = importlib.util.spec_from_file_location("judge_agreement", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_readme_judge_table_is_generated_from_the_committed_measurement():
+    """The README's judge-agreement block is what benchmarks/judge_agreement.py wrote, and its numbers meet
+    the goals it states (>= 0.93 on every left-out model for the default judge, above XSTest's matcher)."""
+    mod = _judge_agreement_module()
+    root = Path(__file__).resolve().parents[1]
+    res = json.loads((root / "benchmarks" / "results" / "judge_agreement.json").read_text())
+    text = (root / "README.md").read_text()
+    block = text.split("<!-- judge:begin -->\n", 1)[1].split("\n<!-- judge:end -->", 1)[0]
+    assert block == mod.markdown(res)
+    pm = res["xstest"]["per_model"]
+    assert set(pm) == {"gpt4", "llama2new", "mistralinstruct", "all"}
+    for m in ("gpt4", "llama2new", "mistralinstruct"):
+        assert pm[m]["calibrated"]["n"] == 450
+        assert pm[m]["calibrated"]["agreement"] >= 0.93, m
+        assert pm[m]["calibrated"]["agreement"] > pm[m]["xstest_string"]["agreement"], m
+    assert res["speed"]["replies_per_second"] >= 10
+
+
+def test_xstest_string_matcher_is_a_prefix_match():
+    mod = _judge_agreement_module()
+    assert mod.xstest_string(["Sorry, no.", "  I can't do that", "Here is why I'm sorry", "As an AI, sure"]).tolist() \
+        == [True, True, False, True]

@@ -237,8 +237,9 @@ def test_evaluate_refusal_fields_and_judge(tiny):
                                R.first_token_scores(tiny, PROMPTS), rtol=0, atol=1e-4)
     np.testing.assert_array_equal(res.refused, R.judge(res.completions, PROMPTS))
     assert res.outcomes.tolist() == ls.default_judge(tiny).outcomes(res.completions, PROMPTS)
-    assert res.refusal_rate == float(np.mean(res.refused))
-    assert res.agreement == float(np.mean((res.score > 0) == res.refused))
+    assert res.refusal_rate == float(np.mean(res.outcomes == "refused"))
+    assert res.not_complied_rate == float(np.mean(res.refused))
+    assert res.agreement == float(np.mean((res.score > 0) == (res.outcomes == "refused")))
     df = res.to_frame()
     assert list(df.columns) == ["text", "request", "method", "label", "completion", "outcome", "refused", "score"]
     # a custom judge: every reply refused
@@ -262,7 +263,12 @@ def test_result_save_load_roundtrip_and_corruption(tmp_path):
     np.testing.assert_array_equal(back.score, res.score)
     assert back.outcomes.tolist() == ["complied", "refused", "unengaged"]
     assert back.prompts[1].method == "m" and back.prompts[1].request == "do x"
-    assert back.strict_refusal_rate == pytest.approx(1 / 3) and back.refusal_rate == pytest.approx(2 / 3)
+    # the three rates, never folded: unengaged is not refusal
+    assert back.refusal_rate == pytest.approx(1 / 3) and back.compliance_rate == pytest.approx(1 / 3)
+    assert back.unengaged_rate == pytest.approx(1 / 3) and back.not_complied_rate == pytest.approx(2 / 3)
+    rates = back.rates().set_index("outcome")
+    assert rates["k"].tolist() == [1, 1, 1] and (rates["ci_low"] < 1 / 3).all() and (rates["ci_high"] > 1 / 3).all()
+    assert rates.loc["refused", "ci_high"] == pytest.approx(0.7923, abs=1e-3)  # Wilson, k=1, n=3
     meta = tmp_path / "r" / "meta.json"
     text = meta.read_text()
     for bad in (text.replace('"hi"', '"ho"'), text[: len(text) // 2]):  # edited, truncated
@@ -328,6 +334,35 @@ def test_cache_hit_skips_model_and_corruption_rebuilds(tiny, home, monkeypatch):
     assert json.loads(path.read_text())["kind"] == "RefusalResult"
 
 
+def test_cache_key_covers_tokenizer_transformers_version_and_requests(tiny, home, monkeypatch):
+    import transformers
+
+    key = R._result_key(tiny, PromptSet.from_texts(PROMPTS, label="x"), tiny.formatting_key(), 3)
+    assert key["transformers_version"] == transformers.__version__ and key["tokenizer"] == tiny.tokenizer_key()
+    calls = []
+    real = R._run_generation
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, "_run_generation", counting)
+    wrapped = [Prompt(f"Roleplay: {t}", "harmful", request=t, method="roleplay") for t in PROMPTS[:2]]
+    first = R.evaluate_refusal(tiny, PromptSet(wrapped), max_new_tokens=3, progress=False)
+    R.evaluate_refusal(tiny, PromptSet(wrapped), max_new_tokens=3, progress=False)
+    assert len(calls) == 1  # a hit
+    other = [Prompt(p.text, p.label, request="Say nothing.", method=p.method) for p in wrapped]
+    R.evaluate_refusal(tiny, PromptSet(other), max_new_tokens=3, progress=False)  # same texts, other requests
+    assert len(calls) == 2  # judged afresh, never the verdicts of the other requests
+    monkeypatch.setattr(tiny, "_tokenizer_key", dict(tiny.tokenizer_key(), vocab_sha256="0" * 64))
+    R.evaluate_refusal(tiny, PromptSet(wrapped), max_new_tokens=3, progress=False)
+    assert len(calls) == 3
+    monkeypatch.setattr(transformers, "__version__", "0.0.0+other")
+    again = R.evaluate_refusal(tiny, PromptSet(wrapped), max_new_tokens=3, progress=False)
+    assert len(calls) == 4 and len(list((home / "refusal").iterdir())) == 4
+    assert again.completions == first.completions  # the same model: only the key differs
+
+
 def test_cache_rejudges_with_another_judge(tiny, home, monkeypatch):
     first = R.evaluate_refusal(tiny, PROMPTS, max_new_tokens=5, progress=False)
     assert first.config["judge"] == ls.default_judge(tiny).identity
@@ -380,6 +415,8 @@ def test_attack_success_hand_made():
     assert df.loc["x", "n"] == 4 and df.loc["x", "n_plain_refused"] == 3 and df.loc["x", "n_complied"] == 2
     assert df.loc["x", "asr"] == pytest.approx(2 / 3)
     assert df.loc["x", "jailbroken_refusal_rate"] == pytest.approx(1 / 4)
+    assert df.loc["x", "asr_ci_low"] == pytest.approx(0.2077, abs=1e-3)  # Wilson 95%, k=2, n=3
+    assert df.loc["x", "asr_ci_high"] == pytest.approx(0.9385, abs=1e-3)
     assert df.loc["y", "n"] == 3 and df.loc["y", "n_complied"] == 1 and df.loc["y", "asr"] == pytest.approx(1 / 3)
     orphan = R.RefusalResult(PromptSet([Prompt("Z q", "jailbreak", request="q", method="z")]), ["x"],
                              np.array([False]), np.zeros(1), "m", "h")

@@ -23,7 +23,7 @@ def test_artifact_round_trip_is_exact(tmp_path):
     assert torch.equal(tensors["w"], torch.arange(6.0).reshape(2, 3))
     assert tensors["i"].tolist() == [0, 1, 2, 3]
     assert meta["x"] == 1.5 and meta["nan"] is None  # non-finite floats become null, never invalid JSON
-    assert not (tmp_path / "a.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temporary folder or file left behind
 
 
 @pytest.mark.parametrize("damage", ["truncate_tensors", "flip_byte", "edit_meta", "bad_json", "drop_tensors"])
@@ -62,8 +62,62 @@ def test_atomic_dir_keeps_the_old_folder_on_failure(tmp_path):
         with store.atomic_dir(d) as tmp:
             (tmp / "half").write_text("x")
             raise RuntimeError("crash mid-write")
-    assert not (tmp_path / "a.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
     assert store.read_artifact(d, kind="demo", schema_version=3)[1]["x"] == 1.5
+
+
+def test_atomic_dir_refuses_to_wipe_a_folder_it_did_not_write(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    for write in (lambda: store.write_artifact(mine, kind="demo", schema_version=3, meta={}),
+                  lambda: store.atomic_dir(mine).__enter__()):
+        with pytest.raises(InputError, match=f"{mine}.*did not write.*new or empty folder"):
+            write()
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"] and (mine / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # and no temporary folder left
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="file or a symbolic link, not a folder"):
+        store.write_artifact(tmp_path / "file", kind="demo", schema_version=3, meta={})
+    (mine / "thesis.tex").unlink()  # an empty folder, or one of ours (any kind), is replaced
+    store.write_artifact(mine, kind="demo", schema_version=3, meta={"n": 1})
+    store.write_artifact(mine, kind="other", schema_version=1, meta={"n": 2})
+    assert store.read_artifact(mine, kind="other", schema_version=1)[1]["n"] == 2
+    (mine / store.META).write_text((mine / store.META).read_text()[:20])  # damaged, still ours: rebuilt
+    store.write_artifact(mine, kind="other", schema_version=1, meta={"n": 3})
+    assert store.read_artifact(mine, kind="other", schema_version=1)[1]["n"] == 3
+    (mine / store.META).write_text('{"name": "my own meta.json"}')  # valid JSON without a kind: not ours
+    with pytest.raises(InputError, match="did not write"):
+        store.write_artifact(mine, kind="other", schema_version=1, meta={})
+
+
+def test_atomic_dir_refuses_a_folder_that_appears_during_the_write(tmp_path):
+    d = tmp_path / "a"
+    with pytest.raises(InputError, match="did not write"):
+        with store.atomic_dir(d) as tmp:
+            (tmp / "x").write_text("mine")
+            d.mkdir()
+            (d / "user.txt").write_text("theirs")
+    assert [p.name for p in d.iterdir()] == ["user.txt"] and [p.name for p in tmp_path.iterdir()] == ["a"]
+
+
+def test_concurrent_writers_never_share_a_temporary_name(tmp_path):
+    d = tmp_path / "a"
+    with store.atomic_dir(d) as first:
+        store.write_json_atomic(first / store.META, {"kind": "demo", "writer": 1})
+        with store.atomic_dir(d) as second:  # another process writing the same entry meanwhile
+            assert second != first and (first / store.META).is_file()  # the first writer's work is intact
+            store.write_json_atomic(second / store.META, {"kind": "demo", "writer": 2})
+        assert store.read_json(d / store.META)["writer"] == 2
+    assert store.read_json(d / store.META)["writer"] == 1  # last to finish wins, both complete
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
+    # a file written atomically leaves another writer's temporary file alone (the old fixed name clobbered it)
+    (tmp_path / "a.tmp").mkdir()
+    (tmp_path / "f.json.tmp").write_text("another writer's half file")
+    store.write_artifact(d, kind="demo", schema_version=3, meta={})
+    store.write_json_atomic(tmp_path / "f.json", {"x": 1})
+    assert (tmp_path / "a.tmp").is_dir() and (tmp_path / "f.json.tmp").read_text() == "another writer's half file"
+    assert store.read_json(tmp_path / "f.json") == {"x": 1}
 
 
 def test_wilson_matches_scipy_binomtest():

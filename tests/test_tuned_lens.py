@@ -192,6 +192,40 @@ def test_compare_lenses_and_figures(tiny, trained):
     assert trained.plot(ax=ax) is fig2 and np.allclose(ax.get_lines()[0].get_ydata(), trained.history)
 
 
+def test_held_out_prompts_never_overlap_the_training_prompts_for_any_seed():
+    from lens_safety.tuned_lens import default_training_prompts, held_out_prompts
+
+    trains = {t: set(default_training_prompts(t).texts) for t in range(3)}
+    for seed in range(6):
+        held = held_out_prompts(16, seed=seed)
+        assert len(held) == 32 and held.labels.count("harmful") == 16
+        for t, train in trains.items():
+            assert not set(held.texts) & train, (seed, t)  # seed 1 used to share 11 of 32 with the training set
+    assert held_out_prompts(16, seed=0).texts != held_out_prompts(16, seed=1).texts  # the seed still draws
+    assert len(trains[0]) == 128 and trains[0] != trains[1]
+
+
+def test_lens_kl_refuses_prompts_the_lens_was_trained_on(tiny, trained):
+    from lens_safety.tuned_lens import check_held_out, default_training_prompts, prompt_digests
+
+    assert trained.data["prompt_digests"] == prompt_digests(TRAIN)
+    with pytest.raises(InputError, match=r"2 of the 6 held-out prompts were used to train the tuned lens"):
+        lens_kl(tiny, HELD_OUT + TRAIN[:2], trained)
+    with pytest.raises(InputError, match="held_out_prompts"):
+        compare_lenses(tiny, TRAIN[:1], trained)
+    assert len(lens_kl(tiny, HELD_OUT, trained)) == tiny.n_layers + 1  # disjoint: measured
+    assert len(lens_kl(tiny, TRAIN[:2], None)) == tiny.n_layers + 1  # the logit lens has no training set
+    check_held_out(ls.PromptSet.from_texts(TRAIN, label="harmless"), HELD_OUT)
+    with pytest.raises(InputError, match="1 of the 1 held-out"):
+        check_held_out(TRAIN, ls.PromptSet.from_texts(TRAIN[3:4], label="harmful"))
+    # a lens saved before the digests were recorded: recognised by the default prompts' hash
+    default = default_training_prompts()
+    old = replace(trained, data={"prompts_hash": default.hash()})
+    with pytest.raises(InputError, match="1 of the 1 held-out"):
+        lens_kl(tiny, default.texts[:1], old)
+    assert len(lens_kl(tiny, default.texts[:1], replace(trained, data={}))) == tiny.n_layers + 1  # unknown: no check
+
+
 @pytest.mark.real
 def test_real_tuned_lens_smoke(real_model):
     """A few steps on two prompts: shapes, the identity at the last layer, the KL frame."""
