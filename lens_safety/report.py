@@ -292,11 +292,14 @@ def _base_config(quick: bool, n: int | None, jailbreaks, batch_size: int, seed: 
                        quick=True)
     # Full run: balanced classes of up to 200 prompts for capture and probes (HarmBench has 200);
     # 24 prompts per set for generation, the costly part on a CPU (refusal, ASR, pairs, grafting).
-    return _Config(n, 24 if n is None else min(n, 24), chosen, 24, batch_size, seed, n_pairs=8,
-                   graft_layers=6, n_graft=12, quick=False)
+    # Replies of 48 tokens: on human-labelled replies the judge agrees 0.950 at 24 tokens, 0.964 at 48,
+    # 0.967 at 96 (benchmarks/judge_agreement.py); --quick keeps 24.
+    return _Config(n, 24 if n is None else min(n, 24), chosen, FULL_RUN_MAX_NEW_TOKENS, batch_size, seed,
+                   n_pairs=8, graft_layers=6, n_graft=12, quick=False)
 
 
 DEFAULT_N = 200  # per set, when --n is not given: balanced harmful / harmless classes
+FULL_RUN_MAX_NEW_TOKENS = 48  # reply length a full run generates and judges (--quick: 24)
 
 
 def _sets(cfg: _Config):
@@ -1589,7 +1592,8 @@ def readme_table(metrics: dict[str, Any]) -> str:
         rows.append((f"verdict {key.replace('_', ' ')}", v["status"]))
     run = "quick" if cfg.get("quick") else "full"
     lines = [f"Model `{h.get('model')}`, {run} run (prompts per set: {cfg.get('n') or DEFAULT_N}, "
-             f"generation per set: {cfg.get('n_eval')}):", "", "| measure | value |", "|---|---|"]
+             f"generation per set: {cfg.get('n_eval')}, reply tokens: {cfg.get('max_new_tokens', 24)}):", "",
+             "| measure | value |", "|---|---|"]
     lines += [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(lines) + "\n"
 

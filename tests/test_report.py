@@ -353,7 +353,7 @@ def test_readme_table_and_update(tmp_path):
                "verdicts": {"claim1": {"status": "not reproduced"}},
                "config": {"quick": False, "n": None, "n_eval": 24}}
     table = rep.readme_table(metrics)
-    assert "| refusal rate | harmbench 0.540, harmless 0.080 |" in table
+    assert "| refusal rate (judged refused) | harmbench 0.540, harmless 0.080 |" in table
     assert "| 2-way probe, best layer | 15: 0.935 (CI 0.906-0.955) |" in table
     assert "| 2-way probe, first layer >= 0.95 | never |" in table
     assert "| break layer resid_pre/denoise | 11 (CI 10-12) |" in table
