@@ -51,7 +51,7 @@ _EXPORTS: dict[str, str] = {
 }
 _SUBMODULES = {"assets", "models", "prompts", "jailbreaks", "activations", "refusal", "judges", "probes", "lens",
                "tuned_lens", "patching", "viz", "report", "errors", "testing",
-               "directions", "parallel", "store", "stats", "htmlreport", "cli"}
+               "directions", "parallel", "store", "stats", "htmlreport", "cli", "readout", "translators"}
 
 __all__ = sorted(_EXPORTS)
 

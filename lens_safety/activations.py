@@ -45,20 +45,17 @@ from jaxtyping import Float
 from torch import Tensor
 
 from . import assets, parallel
-from .errors import CacheError, InputError, ModelMismatchError
+from .errors import CacheError, InputError, ModelMismatchError, NonFiniteActivationError
 from .models import SafetyModel
 from .prompts import Prompt, PromptSet, as_prompt_set
 from .store import atomic_dir, jsonable, read_json, sha256_file, sha256_json, write_json_atomic
+from .validation import check_finite, check_int, check_same_model
 
 __all__ = ["Residuals", "collect_residuals", "capture_command", "SCHEMA_VERSION", "NonFiniteActivationError"]
 
 SCHEMA_VERSION = 2
 KIND = "residuals"
 VALUES = "values.safetensors"
-
-
-class NonFiniteActivationError(InputError, FloatingPointError):
-    """A captured activation is NaN or infinite (usually a float16 overflow)."""
 
 
 @dataclass
@@ -139,9 +136,7 @@ class Residuals:
         """Raise unless ``other`` was captured like ``self``: same model weights, dtype and revision,
         same formatting (chat/raw, system prompt, chat template) and positions, same shape."""
         a, b = self, other
-        if b.weights_hash != a.weights_hash:
-            raise ModelMismatchError(f"Cannot {what} residuals of different models ({a.model_name}, weights "
-                                     f"{a.weights_hash[:12]} vs {b.model_name}, weights {b.weights_hash[:12]}).")
+        check_same_model(a, b, f"Cannot {what} these residuals", fix="Capture them all with one model.")
         if b.model_dtype != a.model_dtype:
             raise ModelMismatchError(f"Cannot {what} residuals captured in {a.model_dtype} with residuals captured "
                                      f"in {b.model_dtype}: recapture one set with the other's dtype.")
@@ -340,9 +335,7 @@ def _cache_key(model: SafetyModel, ps: PromptSet, positions: str | int, formatti
 def _check_positions(positions: str | int) -> None:
     if positions in ("last", "mean"):
         return
-    if isinstance(positions, bool) or not isinstance(positions, int) or positions < 1:
-        raise InputError(f"positions must be 'last', 'mean' or a positive int k (last k positions), "
-                         f"got {positions!r}.")
+    check_int(positions, "positions", low=1, hint="k = the last k positions; or 'last' or 'mean'")
 
 
 def _try_hit(entry: Path, key: dict[str, Any], mmap: bool) -> tuple[Tensor, Tensor] | None:
@@ -385,8 +378,7 @@ def collect_residuals(model: SafetyModel, prompts: PromptSet | Sequence[str], *,
     ((1, 4, 2, 64), torch.float32)
     """
     _check_positions(positions)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+    batch_size = check_int(batch_size, "batch_size", low=1)
     if mmap and cache is False:
         raise InputError("mmap=True maps the values from the cache entry: pass cache=True or a folder.")
     ps = as_prompt_set(prompts)
@@ -535,15 +527,14 @@ def _mean_spans(model: SafetyModel, ps: PromptSet, formatted: list[str], chat: b
 
 
 def _check_finite(out: Tensor, rows: list[int], ps: PromptSet, names: list[str], model: SafetyModel) -> None:
-    bad = ~torch.isfinite(out)
-    if not bool(bad.any()):
-        return
-    i, layer = (int(x) for x in bad.nonzero()[0][:2])
-    text = ps[rows[i]].text
-    raise NonFiniteActivationError(
-        f"NaN/inf activation at residual layer {layer} ({names[layer]}) for prompt {rows[i]} "
-        f"({text[:60]!r}) with {model.name} in {model.dtype}. float16 often overflows: load the model "
-        "with dtype='bfloat16' or 'float32'; otherwise check the weights.")
+    def where(bad: list[tuple]) -> str:
+        i, layer = bad[0][:2]
+        return (f"the first at residual layer {layer} ({names[layer]}) for prompt {rows[i]} "
+                f"({ps[rows[i]].text[:60]!r})")
+
+    check_finite(out, f"The activations captured with {model.name} in {model.dtype}", where=where,
+                 hint="float16 often overflows: load the model with dtype='bfloat16' or 'float32'; otherwise "
+                      "check the weights.")
 
 
 def _part_ok(path: Path, rows: list[int], shape: tuple[int, ...]) -> bool:
@@ -688,10 +679,8 @@ def capture_command(prompts: str | Sequence[str], out: str | os.PathLike, *, mod
     if not specs:
         raise InputError("capture needs at least one prompt set or file (--prompts).")
     _check_positions(positions)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch size must be an int >= 1, got {batch_size!r}.")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise InputError(f"n must be a positive int, got {n!r}.")
+    batch_size = check_int(batch_size, "batch size", low=1)
+    n = check_int(n, "n", low=1, allow_none=True, kind="a positive integer", hint="prompts per set")
     resolve_dtype(dtype)
     device_map = parse_device_map(device_map)
     out = Path(out)

@@ -50,8 +50,9 @@ from torch import Tensor
 
 from . import store
 from .errors import ChatTemplateError, InputError, ModelMismatchError
-from .models import SafetyModel, position_ids_from_mask, weights_fingerprint
+from .models import SafetyModel, hf_model_copy, position_ids_from_mask, weights_fingerprint
 from .prompts import PromptSet
+from .validation import check_int, check_number
 
 __all__ = [
     "RefusalDirection", "DirectionSelection", "SelectionFilters", "Intervention", "select_refusal_direction",
@@ -108,13 +109,10 @@ class RefusalDirection:
             raise InputError("The direction is the zero vector: the two prompt sets have the same mean there "
                              "(e.g. the embedding layer at a template token). Pick another layer or position.")
         self.vector = v
-        if isinstance(self.layer, bool) or not isinstance(self.layer, (int, np.integer)) \
-                or not 0 <= int(self.layer) <= int(self.n_layers):
-            raise InputError(f"layer must be a residual layer in 0..{self.n_layers}, got {self.layer!r}.")
-        if isinstance(self.position, bool) or not isinstance(self.position, (int, np.integer)) \
-                or int(self.position) >= 0:
-            raise InputError(f"position must be a negative int (-1 = last template token), got {self.position!r}.")
-        self.layer, self.position, self.n_layers = int(self.layer), int(self.position), int(self.n_layers)
+        self.n_layers = int(self.n_layers)
+        self.layer = check_int(self.layer, "layer", low=0, high=self.n_layers, kind="a residual layer")
+        self.position = check_int(self.position, "position", high=-1, kind="a negative integer",
+                                  hint="-1 = last template token")
 
     @property
     def d_model(self) -> int:
@@ -153,17 +151,24 @@ class RefusalDirection:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``tensors.safetensors`` + ``meta.json`` into ``directory`` atomically."""
-        meta = {"model_name": self.model_name, "weights_hash": self.weights_hash, "layer": self.layer,
-                "position": self.position, "n_layers": self.n_layers, "d_model": self.d_model,
-                "hash": self.hash, "meta": self.meta}
-        return store.write_artifact(directory, kind="RefusalDirection", schema_version=SCHEMA_VERSION, meta=meta,
-                                    tensors={"vector": self.vector})
+        return store.write_artifact(directory, kind="RefusalDirection", schema_version=SCHEMA_VERSION,
+                                    meta=self._meta(), tensors={"vector": self.vector})
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> RefusalDirection:
         """Load what :meth:`save` wrote (verified by sha256; :class:`CacheError` if not)."""
         tensors, meta = store.read_artifact(directory, kind="RefusalDirection", schema_version=SCHEMA_VERSION)
-        return cls(tensors["vector"], meta["layer"], meta["position"], meta["model_name"], meta["weights_hash"],
+        return cls._from_meta(tensors["vector"], meta)
+
+    def _meta(self) -> dict[str, Any]:
+        """Everything but the vector, as saved in ``meta.json``."""
+        return {"model_name": self.model_name, "weights_hash": self.weights_hash, "layer": self.layer,
+                "position": self.position, "n_layers": self.n_layers, "d_model": self.d_model,
+                "hash": self.hash, "meta": self.meta}
+
+    @classmethod
+    def _from_meta(cls, vector: Tensor, meta: dict[str, Any]) -> RefusalDirection:
+        return cls(vector, meta["layer"], meta["position"], meta["model_name"], meta["weights_hash"],
                    meta["n_layers"], dict(meta.get("meta", {})))
 
 
@@ -304,11 +309,8 @@ def add(direction: RefusalDirection, layer: int | None = None, coeff: float = 1.
     if model is not None:
         d.check_model(model)
     layer = d.layer if layer is None else layer
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < d.n_layers:
-        raise InputError(f"layer must be a residual layer in 0..{d.n_layers - 1} (the input of a block), "
-                         f"got {layer!r}.")
-    if not isinstance(coeff, (int, float)) or isinstance(coeff, bool) or not math.isfinite(float(coeff)):
-        raise InputError(f"coeff must be a finite number, got {coeff!r}.")
+    layer = check_int(layer, "layer", low=0, high=d.n_layers - 1, kind="a residual layer", hint="the input of a block")
+    coeff = check_number(coeff, "coeff")
     v = d.vector * float(coeff)
     return Intervention([(_resid_name(int(layer)), _add_vector(v))], model=model,
                         description={"intervention": "add", "direction": d.hash, "layer": int(layer),
@@ -495,6 +497,51 @@ class DirectionSelection:
 
         return viz.direction_selection_figure(self, ax=ax)
 
+    _GRIDS = ("ablation_score", "kl", "addition_score", "rel_norm")
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the selection as a :mod:`lens_safety.store` artifact: the score grids and the chosen
+        vector in ``tensors.safetensors``, the rest in ``meta.json`` (no pickle).
+
+        >>> import tempfile, numpy as np
+        >>> g = np.array([[0.5, np.nan]])
+        >>> sel = DirectionSelection(None, [-1], [1, 2], g, g, g, g, np.array([["", "norm out of range"]]), {}, {})
+        >>> DirectionSelection.load(sel.save(tempfile.mkdtemp() + "/sel")).to_frame().equals(sel.to_frame())
+        True
+        """
+        tensors: dict[str, Any] = {k: np.asarray(getattr(self, k), dtype=np.float64) for k in self._GRIDS}
+        d = self.direction
+        if d is not None:
+            tensors["direction"] = d.vector
+        meta = {"positions": [int(p) for p in self.positions], "layers": [int(x) for x in self.layers],
+                "reason": [[str(r) for r in row] for row in np.asarray(self.reason)], "baseline": self.baseline,
+                "config": self.config, "addition_coeff": self.addition_coeff, "timings": self.timings,
+                "direction": None if d is None else d._meta()}
+        return store.write_artifact(directory, kind="DirectionSelection", schema_version=SCHEMA_VERSION, meta=meta,
+                                    tensors=tensors)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> DirectionSelection:
+        """Load what :meth:`save` wrote; :class:`~lens_safety.errors.CacheError` if it is missing, of
+        another kind, edited or truncated."""
+        from .errors import CacheError
+
+        t, meta = store.read_artifact(directory, kind="DirectionSelection", schema_version=SCHEMA_VERSION,
+                                      framework="numpy")
+        try:
+            positions, layers = [int(p) for p in meta["positions"]], [int(x) for x in meta["layers"]]
+            reason = np.array(meta["reason"], dtype=object).reshape(len(positions), len(layers))
+            grids = [t[k] for k in cls._GRIDS]
+            if any(g.shape != reason.shape for g in grids):
+                raise ValueError(f"score grids of shape {[g.shape for g in grids]}, expected {reason.shape}")
+            d = meta["direction"]
+            direction = None if d is None else RefusalDirection._from_meta(torch.from_numpy(t["direction"]), d)
+            return cls(direction, positions, layers, *grids, reason, dict(meta["baseline"]), dict(meta["config"]),
+                       float(meta["addition_coeff"]), dict(meta["timings"]))
+        except (KeyError, TypeError, ValueError, InputError) as e:
+            raise CacheError(f"{directory}: saved DirectionSelection is malformed ({e}); delete it and "
+                             "recompute.") from e
+
 
 def split_prompts(ps: PromptSet, n_train: int, n_val: int, seed: int = 0,
                   what: str = "prompt") -> tuple[PromptSet, PromptSet, PromptSet]:
@@ -513,12 +560,6 @@ def split_prompts(ps: PromptSet, n_train: int, n_val: int, seed: int = 0,
     n_va = min(n_val, len(ps) - n_tr)
     return (PromptSet(items[:n_tr], ps.name), PromptSet(items[n_tr:n_tr + n_va], ps.name),
             PromptSet(items[n_tr + n_va:], ps.name))
-
-
-def _check_int(name: str, v: Any, lo: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise InputError(f"{name} must be an int >= {lo}, got {v!r}.")
-    return int(v)
 
 
 @dataclass(frozen=True)
@@ -622,8 +663,9 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
             raise InputError("Pass coeff= (the addition filter's coefficient) or a non-empty coeffs.")
         coeff = max(cs)
     harmful, harmless = _as_set(harmful, "harmful"), _as_set(harmless, "harmless")
-    n_train, n_val = _check_int("n_train", n_train), _check_int("n_val", n_val)
-    batch_size, min_per_split = _check_int("batch_size", batch_size), _check_int("min_per_split", min_per_split)
+    n_train, n_val = check_int(n_train, "n_train", low=1), check_int(n_val, "n_val", low=1)
+    batch_size = check_int(batch_size, "batch_size", low=1)
+    min_per_split = check_int(min_per_split, "min_per_split", low=1)
     known = {f.name for f in fields(SelectionFilters)}
     if set(filter_kwargs) - known:
         raise InputError(f"select_refusal_direction got unknown argument(s) {sorted(set(filter_kwargs) - known)}; "
@@ -632,7 +674,7 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
     max_layer_frac, kl_max, norm_range, addition_min = (filters.max_layer_frac, filters.kl_max, filters.norm_range,
                                                         filters.addition_min)
     k = template_positions(model, harmful[:1])
-    n_positions = k if n_positions is None else _check_int("n_positions", n_positions)
+    n_positions = k if n_positions is None else check_int(n_positions, "n_positions", low=1)
     if n_positions > k:
         raise InputError(f"n_positions={n_positions}, but {model.name}'s template has {k} post-instruction tokens.")
     layer_list = list(range(model.n_layers)) if layers is None else sorted({int(x) for x in layers})
@@ -690,7 +732,7 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
     n_scored = len(cand)  # candidates that reach a forward pass (screening included)
     n_forward_rows = 0
     if cand and screen is not None:
-        ns = _check_int("screen", screen)
+        ns = check_int(screen, "screen", low=1)
         enc_s = {key: v[:ns] for key, v in enc_h.items()}
         enc_sb = {key: v[:ns] for key, v in enc_b.items()}
         s = rt.score(_batched_logits(model, enc_s, len(cand), "ablate", unit, lay_of, batch_size,
@@ -703,7 +745,7 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
             abl[i, j], kl[i, j] = s[c], float(ks[c])
         # rank by the screened ablation score, candidates within the KL bound first
         order = np.lexsort((s, (ks.numpy() > kl_max)))
-        keep = sorted(order[:_check_int("top_k", top_k)].tolist())
+        keep = sorted(order[:check_int(top_k, "top_k", low=1)].tolist())
         for c in set(range(len(cand))) - set(keep):
             reason[cand[c]] = "screened out"
         cand = [cand[c] for c in keep]
@@ -787,50 +829,6 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
 
 
 # -- weight orthogonalisation ----------------------------------------------------------------
-
-def _clean_name(name: str) -> str:
-    return name.replace("._original_component", "").replace("_original_component.", "")
-
-
-def hf_model_copy(model: SafetyModel, *, untie: bool = False):
-    """A plain Hugging Face model holding a copy of ``model``'s weights (the bridge left untouched).
-
-    The bridge wraps the HF model's modules in place; this rebuilds an unwrapped
-    ``AutoModelForCausalLM`` from its config and the live weights. ``untie=True`` gives the
-    unembedding its own copy of a tied embedding matrix (so the embedding can be edited alone).
-    """
-    from transformers import AutoModelForCausalLM
-
-    om = getattr(model.bridge, "original_model", None)
-    if om is None or not hasattr(om, "config") or not hasattr(om, "state_dict"):
-        raise InputError(f"{model.name} has no Hugging Face model behind its bridge (a boot_native model?); "
-                         "weight export needs a model loaded from HF weights (ls.load_model or tiny_model('hf')).")
-    cfg = copy.deepcopy(om.config)
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    if untie and tied:
-        cfg.tie_word_embeddings = False
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
-        hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=model.dtype)
-    src: dict[str, Tensor] = {}
-    for name, t in om.state_dict().items():
-        src.setdefault(_clean_name(name), t)
-    target = hf.state_dict()
-    emb_key = next((k for k in target if k.endswith("embed_tokens.weight")), None)
-    if "lm_head.weight" in target and "lm_head.weight" not in src and emb_key in src:
-        src["lm_head.weight"] = src[emb_key]
-    missing = [k for k in target if k not in src]
-    if missing:
-        raise InputError(f"Could not map the bridge's weights back to {type(hf).__name__}: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}. This architecture is not supported for export.")
-    hf.load_state_dict({k: src[k].detach().to("cpu") for k in target}, strict=True)
-    if tied and not untie:
-        hf.tie_weights()
-    return hf.to(model.device).eval()
-
 
 def _edit_sites(hf) -> tuple[torch.nn.Module, list[torch.nn.Linear]]:
     base = getattr(hf, "model", None)
@@ -1169,6 +1167,32 @@ class CoefficientSweep:
 
         return viz.coefficient_sweep_figure(self, ax=ax)
 
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the sweep as a :mod:`lens_safety.store` artifact (scores in safetensors, the rest JSON)."""
+        tensors = {"scores": np.asarray(self.scores, dtype=np.float64), "plain": np.asarray(self.plain, np.float64)}
+        if self.system is not None:
+            tensors["system"] = np.asarray(self.system, dtype=np.float64)
+        meta = {"coeffs": [float(c) for c in self.coeffs], "labels": [str(x) for x in self.labels],
+                "layer": int(self.layer)}
+        return store.write_artifact(directory, kind="CoefficientSweep", schema_version=SCHEMA_VERSION, meta=meta,
+                                    tensors=tensors)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> CoefficientSweep:
+        """Load what :meth:`save` wrote; :class:`~lens_safety.errors.CacheError` if it is missing or damaged."""
+        from .errors import CacheError
+
+        t, meta = store.read_artifact(directory, kind="CoefficientSweep", schema_version=SCHEMA_VERSION,
+                                      framework="numpy")
+        try:
+            coeffs, labels = [float(c) for c in meta["coeffs"]], [str(x) for x in meta["labels"]]
+            if t["scores"].shape != (len(coeffs), len(labels)) or t["plain"].shape != (len(labels),):
+                raise ValueError("the scores, coefficients and labels do not agree in shape")
+            return cls(coeffs, t["scores"], t["plain"], t.get("system"), labels, int(meta["layer"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"{directory}: saved CoefficientSweep is malformed ({e}); delete it and "
+                             "recompute.") from e
+
 
 @torch.no_grad()
 def coefficient_sweep(model: SafetyModel, direction: RefusalDirection, prompts: PromptSet | Sequence[str],
@@ -1229,6 +1253,34 @@ class DirectionGeometry:
         from . import viz
 
         return viz.direction_geometry_figure(self, ax=ax)
+
+    _COLUMNS = {"layer": np.int64, "projection": np.float64, "ci_low": np.float64, "ci_high": np.float64,
+                "n": np.int64}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the geometry as a :mod:`lens_safety.store` artifact (numbers in safetensors, groups JSON)."""
+        tensors = {k: self.frame[k].to_numpy(dtype=v) for k, v in self._COLUMNS.items()}
+        if self.cosine is not None:
+            tensors["cosine"] = np.asarray(self.cosine, dtype=np.float64)
+        meta = {"group": [str(g) for g in self.frame["group"]], "direction_layer": int(self.direction_layer)}
+        return store.write_artifact(directory, kind="DirectionGeometry", schema_version=SCHEMA_VERSION, meta=meta,
+                                    tensors=tensors)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> DirectionGeometry:
+        """Load what :meth:`save` wrote; :class:`~lens_safety.errors.CacheError` if it is missing or damaged."""
+        import pandas as pd
+
+        from .errors import CacheError
+
+        t, meta = store.read_artifact(directory, kind="DirectionGeometry", schema_version=SCHEMA_VERSION,
+                                      framework="numpy")
+        try:
+            frame = pd.DataFrame({"group": [str(g) for g in meta["group"]], **{k: t[k] for k in cls._COLUMNS}})
+            return cls(frame, t.get("cosine"), int(meta["direction_layer"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"{directory}: saved DirectionGeometry is malformed ({e}); delete it and "
+                             "recompute.") from e
 
 
 def direction_geometry(model: SafetyModel, direction: RefusalDirection, groups: dict[str, Any], *,
@@ -1324,7 +1376,7 @@ def direction_logit_lens(model: SafetyModel, direction: RefusalDirection, top_k:
     d = _as_direction(direction)
     if d.d_model != model.d_model:
         raise ModelMismatchError(f"The direction has d_model={d.d_model}, {model.name} has {model.d_model}.")
-    top_k = _check_int("top_k", top_k)
+    top_k = check_int(top_k, "top_k", low=1)
     u = d.unit.to(device=model.device, dtype=model.dtype)
     logits = model.unembed(model.final_norm(u[None, None]))[0, 0].float().cpu()
     logits = logits - logits.mean()

@@ -35,6 +35,10 @@ class ModelMismatchError(InputError):
     """Data made with one model (or tokenizer) handed to another."""
 
 
+class NonFiniteActivationError(InputError, FloatingPointError):
+    """Activations, scores or other computed values hold NaN or inf (usually a float16 overflow)."""
+
+
 class ChatTemplateError(InputError):
     """Chat formatting asked of a model without a chat template."""
 

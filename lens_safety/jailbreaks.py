@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from .errors import InputError, UnknownNameError
 from .prompts import Catalogue, Prompt, PromptSet, as_prompt_set
+from .validation import check_int
 
 __all__ = ["JailbreakMethod", "jailbreak", "jailbreak_methods", "jailbreak_templates", "leetspeak",
            "unleetspeak"]
@@ -322,8 +323,7 @@ def jailbreak(prompts: PromptSet | Sequence[str], method: str, *, seed: int = 0,
     """
     m = _method(method)
     ps = as_prompt_set(prompts)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise InputError(f"seed must be an int, got {seed!r}.")
+    seed = check_int(seed, "seed")
     templates = list(m.templates(assistant_name))
     slot = "{payload}" if m.encode is not None else REQUEST
     fixed: _Template | None = None

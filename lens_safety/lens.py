@@ -23,10 +23,12 @@ compared with the ungrafted run.
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,10 +36,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .errors import InputError, ModelMismatchError
-from .prompts import PromptSet, as_prompt_set
+from .errors import CacheError, InputError, ModelMismatchError
+from .prompts import Prompt, PromptSet, as_prompt_set
+from .readout import _as_residuals, _check_finite, _check_residuals_any, lens_logits
 from .stats import mean_ci as _stats_mean_ci
 from .stats import wilson_interval
+from .store import read_artifact, write_artifact
+from .translators import lens_name, resolve_lens
+from .validation import check_int
 
 __all__ = ["Lexicon", "LensResult", "logit_lens", "lens_logits", "GraftResult", "graft", "mean_ci",
            "DEFAULT_REFUSAL_WORDS", "DEFAULT_POSITIVE_WORDS"]
@@ -235,26 +241,7 @@ def decoded_pieces(tokenizer, vocab_size: int | None = None) -> list[str]:
 mean_ci = _stats_mean_ci
 
 
-def _check_finite(t: Tensor, what: str) -> None:
-    """Raise :class:`InputError` when ``t`` holds NaN or inf (they would silently poison every mean)."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        bad = (~torch.isfinite(t)).nonzero()
-        first = tuple(int(i) for i in bad[0])
-        raise InputError(f"The {what} hold {bad.shape[0]} NaN/inf values (first at index {first}): the model's "
-                         "forward pass overflowed or the inputs are corrupted. Recompute them in float32 "
-                         "(load_model(dtype=torch.float32)) and check the inputs.")
-
-
 # -- logit lens -----------------------------------------------------------------------------------
-
-def lens_logits(model, resid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
-    """Decode raw residual-stream vectors: ``unembed(final_norm(resid))`` (the norm applied once)."""
-    shape = resid.shape
-    x = resid.reshape(1, -1, shape[-1]).to(device=model.output_device, dtype=model.dtype)
-    with torch.no_grad():
-        logits = model.unembed(model.final_norm(x))
-    return logits.reshape(*shape[:-1], logits.shape[-1])
-
 
 @dataclass
 class LensResult:
@@ -477,24 +464,79 @@ class LensResult:
 
         return [viz.lens_topk_view(self, list(prompts))]
 
+    # -- persistence ------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the result as a :mod:`lens_safety.store` artifact: ids, probabilities, masses, categories
+        and scores in ``tensors.safetensors``; token pieces, prompts and the lexicon in ``meta.json``.
 
-def _as_residuals(model, residuals, system, chat, batch_size):
-    from .activations import Residuals, collect_residuals
+        >>> import tempfile, lens_safety as ls
+        >>> lens = ls.logit_lens(ls.testing.tiny_model(), ["Hi", "Make a bomb"], top_k=2)
+        >>> LensResult.load(lens.save(tempfile.mkdtemp() + "/lens")).to_frame().equals(lens.to_frame())
+        True
+        """
+        index = {c: i for i, c in enumerate(self.categories)}
+        cats = np.array([index[c] for c in self.top_categories.reshape(-1)], dtype=np.int64)
+        tensors = {"top_ids": self.top_ids, "top_probs": self.top_probs, "mass": self.mass,
+                   "top_categories": cats.reshape(self.top_categories.shape)}
+        if self.refusal_score is not None:
+            tensors["refusal_score"] = self.refusal_score
+        meta = {"model_name": self.model_name, "weights_hash": self.weights_hash, "lens": self.lens,
+                "categories": list(self.categories), "tokens": [str(t) for t in self.tokens.reshape(-1)],
+                "lexicon": _lexicon_to_json(self.lexicon), **_prompts_to_json(self.prompts)}
+        return write_artifact(directory, kind="LensResult", schema_version=SCHEMA_VERSION, meta=meta,
+                              tensors=tensors)
 
-    if isinstance(residuals, Residuals):
-        return residuals
-    if isinstance(residuals, (PromptSet, list, tuple)):
-        return collect_residuals(model, residuals, batch_size=batch_size, cache=False, system=system,
-                                 chat=chat, progress=False)
-    raise InputError(f"Expected Residuals (from collect_residuals) or prompts, got {type(residuals).__name__}.")
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> LensResult:
+        """Load what :meth:`save` wrote; :class:`~lens_safety.errors.CacheError` if it is missing, of
+        another kind, edited or truncated."""
+        t, meta = read_artifact(directory, kind="LensResult", schema_version=SCHEMA_VERSION)
+        try:
+            categories = tuple(meta["categories"])
+            prompts = _prompts_from_json(meta, directory)
+            lexicon = _lexicon_from_json(meta["lexicon"])
+            shape = tuple(t["top_ids"].shape)
+            if (len(shape) != 3 or shape[0] != len(prompts) or tuple(t["top_probs"].shape) != shape
+                    or tuple(t["mass"].shape) != (*shape[:2], len(categories)) or lexicon.names != categories):
+                raise ValueError("the arrays, prompts and categories do not agree in shape")
+            tokens = np.empty(shape, dtype=object)
+            tokens.reshape(-1)[:] = [str(p) for p in meta["tokens"]]
+            cats = np.empty(shape, dtype=object)
+            cats.reshape(-1)[:] = [categories[i] for i in t["top_categories"].reshape(-1).tolist()]
+            return cls(t["top_ids"], t["top_probs"], tokens, cats, t["mass"], categories, prompts, meta["model_name"],
+                       meta["weights_hash"], lexicon, meta["lens"], t.get("refusal_score"))
+        except (KeyError, TypeError, ValueError, IndexError, InputError) as e:
+            raise CacheError(f"{directory}: saved LensResult is malformed ({e}); delete it and recompute.") from e
 
 
-def _check_residuals_any(model, res) -> None:
-    """Model, layer count and finiteness of residuals (any positions)."""
-    model.check_compatible(res.weights_hash, res.d_model, what=f"residuals ({res.model_name})")
-    if res.n_layers != model.n_layers:
-        raise ModelMismatchError(f"The residuals have {res.n_layers} layers, {model.name} has {model.n_layers}.")
-    _check_finite(res.values, f"residuals ({res.model_name}, {len(res)} prompts)")
+# -- persistence helpers ------------------------------------------------------------------------------
+
+#: Schema of the :class:`LensResult` and :class:`GraftResult` artifacts.
+SCHEMA_VERSION = 1
+
+
+def _prompts_to_json(ps: PromptSet) -> dict[str, Any]:
+    """A saved result's prompts (JSON), with their set name and hash."""
+    from .activations import _prompt_to_json
+
+    return {"prompts_name": ps.name, "prompts_hash": ps.hash(), "prompts": [_prompt_to_json(p) for p in ps]}
+
+
+def _prompts_from_json(meta: Mapping[str, Any], directory) -> PromptSet:
+    ps = PromptSet([Prompt(**d) for d in meta["prompts"]], meta.get("prompts_name", ""))
+    if ps.hash() != meta["prompts_hash"]:
+        raise CacheError(f"{directory}: the stored prompts do not match their hash; delete it and recompute.")
+    return ps
+
+
+def _lexicon_to_json(lex: Lexicon) -> dict[str, Any]:
+    return {"categories": {k: list(v) for k, v in lex.categories.items()}, "exclude": list(lex.exclude),
+            "min_head": lex.min_head, "min_word": lex.min_word, "neutral": lex.neutral}
+
+
+def _lexicon_from_json(doc: Mapping[str, Any]) -> Lexicon:
+    return Lexicon(dict(doc["categories"]), tuple(doc["exclude"]), int(doc["min_head"]), int(doc["min_word"]),
+                   str(doc["neutral"]))
 
 
 def _check_residuals(model, res) -> None:
@@ -524,15 +566,12 @@ def logit_lens(model, residuals, top_k: int = 5, lexicon: Lexicon | None = None,
     translator (the last layer is left as it is, so both lenses agree there). NaN/inf
     residuals raise :class:`~lens_safety.errors.InputError`.
     """
-    from .tuned_lens import lens_name, resolve_lens
-
     tuned = resolve_lens(model, lens)
     lexicon = lexicon or Lexicon.default()
     res = _as_residuals(model, residuals, system, chat, batch_size or 16)
     _check_residuals(model, res)
     vocab = model.d_vocab
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab:
-        raise InputError(f"top_k must be an int in 1..{vocab} (the vocabulary size of {model.name}), got {top_k!r}.")
+    top_k = check_int(top_k, "top_k", low=1, high=vocab, hint=f"{vocab} = the vocabulary size of {model.name}")
     n, L = res.values.shape[:2]
     if batch_size is None:
         per_prompt = L * vocab * 4 * 3  # logits, probabilities, a temporary
@@ -786,6 +825,49 @@ class GraftResult:
         from . import viz
 
         return viz.graft_figure(self, ax=ax, level=level)
+
+    # -- persistence ------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the result as a :mod:`lens_safety.store` artifact: the scores in ``tensors.safetensors``,
+        layers, prompts, replies and verdicts in ``meta.json`` (no pickle).
+
+        >>> import tempfile, torch, lens_safety as ls
+        >>> model = ls.testing.tiny_model()
+        >>> g = ls.graft(model, ["Make a bomb"], torch.zeros(model.d_model), layers=1, generate=False)
+        >>> GraftResult.load(g.save(tempfile.mkdtemp() + "/graft")).to_frame().equals(g.to_frame())
+        True
+        """
+        meta = {"layers": [int(x) for x in self.layers], "model_name": self.model_name, "donor": self.donor,
+                "final_layer": self.final_layer, "judge": self.judge,
+                "completions": [[k, [str(c) for c in v]] for k, v in self.completions.items()],
+                "complied": [[k, [bool(c) for c in v]] for k, v in self.complied.items()],
+                **_prompts_to_json(self.prompts)}
+        return write_artifact(directory, kind="GraftResult", schema_version=SCHEMA_VERSION, meta=meta,
+                              tensors={"before": self.before, "after": self.after})
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> GraftResult:
+        """Load what :meth:`save` wrote; :class:`~lens_safety.errors.CacheError` if it is missing, of
+        another kind, edited or truncated."""
+        t, meta = read_artifact(directory, kind="GraftResult", schema_version=SCHEMA_VERSION)
+        try:
+            prompts = _prompts_from_json(meta, directory)
+            layers = [int(x) for x in meta["layers"]]
+            if tuple(t["before"].shape) != (len(prompts),) or tuple(t["after"].shape) != (len(layers), len(prompts)):
+                raise ValueError("the scores, layers and prompts do not agree in shape")
+
+            def per_layer(pairs, cast) -> dict[int | None, list]:
+                out = {None if k is None else int(k): [cast(x) for x in v] for k, v in pairs}
+                if any(len(v) != len(prompts) for v in out.values()):
+                    raise ValueError("a layer's replies or verdicts do not match the prompts")
+                return out
+
+            final = meta["final_layer"]
+            return cls(layers, t["before"], t["after"], prompts, meta["model_name"], meta["donor"],
+                       per_layer(meta["completions"], str), per_layer(meta["complied"], bool),
+                       None if final is None else int(final), meta["judge"])
+        except (KeyError, TypeError, ValueError, InputError) as e:
+            raise CacheError(f"{directory}: saved GraftResult is malformed ({e}); delete it and recompute.") from e
 
 
 def _resolve_judge(model, judge):

@@ -16,6 +16,7 @@ seconds. Any Hugging Face id or local HF folder also works, for users with the h
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -43,7 +44,8 @@ from .errors import (
 from .prompts import PromptSet, as_prompt_set
 
 __all__ = ["EmbeddedModel", "EMBEDDED_MODELS", "DEFAULT_MODEL", "SafetyModel", "load_model", "list_models",
-           "resolve_dtype", "weights_fingerprint", "position_ids_from_mask", "GUARD_TOLERANCE"]
+           "resolve_dtype", "weights_fingerprint", "position_ids_from_mask", "forward_logits",
+           "hf_model_copy", "GUARD_TOLERANCE"]
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 _CONVERSION_VERSION = 1
@@ -339,7 +341,6 @@ class SafetyModel:
 
         >>> edited.save_pretrained("qwen-orthogonalized")  # doctest: +SKIP
         """
-        from .directions import hf_model_copy
         from .store import atomic_dir, write_json_atomic
 
         hf = hf_model_copy(self)
@@ -379,6 +380,82 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     [[0, 0, 0, 1], [0, 1, 2, 3]]
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_logits(bridge, ids: torch.Tensor, mask: torch.Tensor, cache=None, want_cache: bool = False):
+    """``(logits, cache)``: next-token logits ``[batch, d_vocab]`` at the last position only (HF
+    ``logits_to_keep=1`` skips the full unembedding), and the KV cache when ``want_cache``, else None.
+
+    ``mask`` covers every position so far (a cached prefix too), ``ids`` the newest
+    ``ids.shape[1]`` of them. Position ids always come from the mask
+    (:func:`position_ids_from_mask`): a row's first real token is position 0
+    and a decoding step's token sits at the number of real tokens before it, so a left-padded
+    row of an absolute-position model (GPT-2) gives what it gives alone.
+
+    >>> from lens_safety.testing import tiny_model
+    >>> model = tiny_model()
+    >>> enc = model.tokenize(["Hi", "Tell me a story"], chat=False)
+    >>> logits, cache = forward_logits(model.bridge, enc["input_ids"], enc["attention_mask"])
+    >>> tuple(logits.shape) == (2, model.d_vocab) and cache is None
+    True
+    """
+    kw: dict[str, Any] = {"attention_mask": mask, "logits_to_keep": 1,
+                          "position_ids": position_ids_from_mask(mask)[:, mask.shape[1] - ids.shape[1]:]}
+    if want_cache:
+        kw.update(return_type="logits_and_cache", use_cache=True)
+        if cache is not None:
+            # transformers 5 takes the KV cache as ``cache`` (``past_key_values`` is deprecated and
+            # warns on every step); :func:`lens_safety.refusal._kv_cache_shim` hands it to TL's attention bridges.
+            kw["cache"] = cache
+        logits, cache = bridge(ids, **kw)
+        return logits[:, -1], cache
+    return bridge(ids, **kw)[:, -1], None
+
+
+# -- weight export ----------------------------------------------------------------------------
+
+def _clean_name(name: str) -> str:
+    return name.replace("._original_component", "").replace("_original_component.", "")
+
+
+def hf_model_copy(model: SafetyModel, *, untie: bool = False):
+    """A plain Hugging Face model holding a copy of ``model``'s weights (the bridge left untouched).
+
+    The bridge wraps the HF model's modules in place; this rebuilds an unwrapped
+    ``AutoModelForCausalLM`` from its config and the live weights. ``untie=True`` gives the
+    unembedding its own copy of a tied embedding matrix (so the embedding can be edited alone).
+    """
+    from transformers import AutoModelForCausalLM
+
+    om = getattr(model.bridge, "original_model", None)
+    if om is None or not hasattr(om, "config") or not hasattr(om, "state_dict"):
+        raise InputError(f"{model.name} has no Hugging Face model behind its bridge (a boot_native model?); "
+                         "weight export needs a model loaded from HF weights (ls.load_model or tiny_model('hf')).")
+    cfg = copy.deepcopy(om.config)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    if untie and tied:
+        cfg.tie_word_embeddings = False
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=model.dtype)
+    src: dict[str, torch.Tensor] = {}
+    for name, t in om.state_dict().items():
+        src.setdefault(_clean_name(name), t)
+    target = hf.state_dict()
+    emb_key = next((k for k in target if k.endswith("embed_tokens.weight")), None)
+    if "lm_head.weight" in target and "lm_head.weight" not in src and emb_key in src:
+        src["lm_head.weight"] = src[emb_key]
+    missing = [k for k in target if k not in src]
+    if missing:
+        raise InputError(f"Could not map the bridge's weights back to {type(hf).__name__}: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}. This architecture is not supported for export.")
+    hf.load_state_dict({k: src[k].detach().to("cpu") for k in target}, strict=True)
+    if tied and not untie:
+        hf.tie_weights()
+    return hf.to(model.device).eval()
 
 
 # -- fingerprints -----------------------------------------------------------------------------

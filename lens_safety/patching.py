@@ -68,6 +68,7 @@ The score is computed from the last position only (final norm, then unembedding)
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import warnings
@@ -82,10 +83,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from . import stats, store
-from .errors import InputError, ModelMismatchError, UnknownNameError
+from .errors import InputError, UnknownNameError
 from .models import SafetyModel
 from .refusal import MIN_GAP as _REFUSAL_MIN_GAP
 from .refusal import RefusalTokens, _kv_cache_shim
+from .validation import check_finite, check_int, check_number, check_same_model
 
 __all__ = [
     "COMPONENTS",
@@ -154,15 +156,10 @@ def _resolve_formatting(model: SafetyModel, pairs: Any, system: str | None, chat
     return system, chat
 
 
-def _check_finite(x: Tensor, what: str) -> None:
-    """Raise a clear error when an activation or score is NaN or infinite."""
-    if not bool(torch.isfinite(x).all()):
-        n_bad = int((~torch.isfinite(x)).sum())
-        raise InputError(
-            f"{what} has {n_bad} NaN/inf value(s). Patching needs finite activations and scores: the "
-            "model overflowed (half precision? load it with dtype=torch.float32) or a hook wrote "
-            "non-finite values."
-        )
+#: Raise a clear error when an activation, score or gradient is NaN or infinite.
+_check_finite = functools.partial(
+    check_finite, hint="Patching needs finite activations and scores: the model overflowed (half precision? "
+    "load it with dtype=torch.float32) or a hook wrote non-finite values.")
 
 
 def _keep_pair_rows(i: int, kept: bool, base, rows_i: dict[str, list], dropper, baselines: list,
@@ -255,15 +252,9 @@ def prepare_pairs(
     or an explicit alignment: one list of ``(plain_pos, jailbroken_pos)`` per pair
     (negative positions count from the end).
     """
-    ws = getattr(pairs, "weights_hash", None)
-    if ws is not None:
-        if ws != model.weights_hash:
-            raise ModelMismatchError(
-                f"The pairs were made with model {getattr(pairs, 'model_name', '?')!r} (weights "
-                f"{str(ws)[:12]}), but patching runs {model.name} ({model.weights_hash[:12]}); their "
-                "tokens and refusal behaviour belong to the other model. Recompute them with "
-                "jailbreak_pairs(model, ...) on this model."
-            )
+    check_same_model(pairs, model, "Cannot patch these pairs with this model",
+                     fix="Their tokens and refusal behaviour belong to the other model: recompute them with "
+                     "jailbreak_pairs(model, ...) on this model.")
     items = list(pairs) if pairs is not None else []
     if not items:
         raise InputError(_NO_PAIRS)
@@ -279,10 +270,7 @@ def prepare_pairs(
             f"An explicit alignment needs one list of (plain_pos, jailbroken_pos) per pair: "
             f"got {len(positions)} lists for {len(items)} pairs."
         )
-    if n_positions is not None and (
-        isinstance(n_positions, bool) or not isinstance(n_positions, int) or n_positions < 1
-    ):
-        raise InputError(f"n_positions must be a positive int or None, got {n_positions!r}.")
+    n_positions = check_int(n_positions, "n_positions", low=1, allow_none=True)
     plain_f = model.format([t[0] for t in texts], system=system, chat=chat)
     jb_f = model.format([t[1] for t in texts], system=system, chat=chat)
     out = []
@@ -357,16 +345,8 @@ def _check_directions(direction: str) -> tuple[str, ...]:
 def _check_layers(model: SafetyModel, layers: Sequence[int] | None) -> list[int]:
     if layers is None:
         return list(range(model.n_layers))
-    out = []
-    for layer in layers:
-        if (
-            isinstance(layer, bool)
-            or not isinstance(layer, (int, np.integer))
-            or not 0 <= int(layer) < model.n_layers
-        ):
-            raise InputError(f"layers must be block indices in 0..{model.n_layers - 1}, got {layer!r}.")
-        out.append(int(layer))
-    return sorted(set(out))
+    return sorted({check_int(layer, "layers", low=0, high=model.n_layers - 1, kind="block indices")
+                   for layer in layers})
 
 
 @dataclass(frozen=True)
@@ -695,15 +675,8 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _check_min_gap(min_gap: float | None) -> float | None:
-    if min_gap is None:
-        return None
-    if isinstance(min_gap, bool) or not isinstance(min_gap, (int, float)) or not math.isfinite(min_gap) \
-            or min_gap < 0:
-        raise InputError(
-            f"min_gap must be a non-negative number of logits (default {MIN_GAP}) or None to keep every "
-            f"pair; got {min_gap!r}."
-        )
-    return float(min_gap)
+    return check_number(min_gap, "min_gap", low=0, allow_none=True,
+                        hint=f"logits, default {MIN_GAP}; None keeps every pair")
 
 
 def _check_normalize(normalize: str) -> str:
@@ -837,8 +810,7 @@ def patch_layers(
     layer_list = _check_layers(model, layers)
     min_gap = _check_min_gap(min_gap)
     normalize = _check_normalize(normalize)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive int, got {batch_size!r}.")
+    batch_size = check_int(batch_size, "batch_size", low=1)
     prepared, rt, n_heads, names, rows_out = _sweep_setup(
         model, pairs, comps, dirs, layer_list, positions, n_positions, system, chat, refusal_tokens)
     dropper = _Dropper(rt, model, min_gap)
@@ -1518,10 +1490,7 @@ def compare(a: PatchResult, b: PatchResult):
 
     >>> compare(attribution_patch(m, pairs), patch_layers(m, pairs))  # doctest: +SKIP
     """
-    if a.weights_hash != b.weights_hash:
-        raise ModelMismatchError(
-            f"Cannot compare results from different models ({a.model_name}, {b.model_name})."
-        )
+    check_same_model(a, b, "Cannot compare these results", fix="Compare results of one model.")
     if a.n_pairs != b.n_pairs or [p["request"] for p in a.pairs] != [p["request"] for p in b.pairs]:
         raise InputError("The two results were computed on different pairs.")
     keys = ["pair", "direction", "layer", "component", "head", "position"]

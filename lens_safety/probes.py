@@ -57,6 +57,7 @@ from .activations import Residuals
 from .errors import InputError, ModelMismatchError
 from .errors import NotFittedError as _LsNotFittedError
 from .stats import auroc_interval, permutation_pvalue, wilson_interval
+from .validation import check_finite, check_int, check_same_model
 
 __all__ = [
     "ProbeNotFittedError", "LinearSVMProbe", "LogisticProbe", "MLPProbe", "DiffMeansProbe",
@@ -322,10 +323,9 @@ def _feature_position(positions: str | int) -> str:
 
 
 def _check_finite(X: np.ndarray, layers: Sequence[int]) -> None:
-    bad = [layer for layer in layers if not np.isfinite(X[:, layer]).all()]
-    if bad:
-        raise InputError(f"Activations contain NaN or inf at layer(s) {bad} (0 = embedding output); "
-                         "recapture them (e.g. in float32) or drop those layers with layers=[...].")
+    check_finite({layer: X[:, layer] for layer in layers}, "The activations",
+                 where=lambda bad: f"at layer(s) {[b[0] for b in bad]} (0 = embedding output)",
+                 hint="Recapture them (e.g. in float32) or drop those layers with layers=[...].")
 
 
 def _resolve_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
@@ -398,12 +398,8 @@ def _make_splits(cv: Any, y: np.ndarray, groups: np.ndarray | None, seed: int) -
 
     n = len(y)
     repeated = groups is not None and len(np.unique(groups)) < n
-    if isinstance(cv, bool):
-        raise InputError(f"cv must be an int ≥ 2 or a scikit-learn splitter, got {cv!r}.")
-    if isinstance(cv, (int, np.integer)):
-        cv = int(cv)
-        if cv < 2:
-            raise InputError(f"cv must be an int ≥ 2 (number of stratified folds) or a splitter, got {cv!r}.")
+    if isinstance(cv, (bool, int, np.integer)):
+        cv = check_int(cv, "cv", low=2, hint="the number of stratified folds; or a scikit-learn splitter")
         _check_labels(y, n, cv)
         if repeated:
             n_groups = len(np.unique(groups))
@@ -644,10 +640,8 @@ class ProbeResult:
 
     def _check_stage(self, residuals: Residuals) -> None:
         """Same model, same formatting, same feature position as the training residuals."""
-        if self.weights_hash and residuals.weights_hash != self.weights_hash:
-            raise ModelMismatchError(f"These probes were fitted on {self.model_name} ({self.weights_hash[:12]}) "
-                                     f"but the residuals come from {residuals.model_name} "
-                                     f"({residuals.weights_hash[:12]}); capture them with the same model.")
+        check_same_model(self, residuals, "Cannot apply these probes to these residuals",
+                         fix="Capture the residuals with the same model as the probes' training residuals.")
         if self.formatting and residuals.formatting and dict(residuals.formatting) != dict(self.formatting):
             raise ModelMismatchError(
                 f"These probes were trained on residuals formatted as {_describe_formatting(self.formatting)}, "
@@ -863,8 +857,7 @@ def probe_layers(residuals: Residuals, labels: Sequence[Any] | None = None, clas
     est, kind = _make_estimator(classifier)
     if kind == "diffmeans" and len(classes) != 2:
         raise InputError(f"classifier='diffmeans' is binary; got {len(classes)} classes {classes.tolist()}.")
-    if isinstance(n_permutations, bool) or not isinstance(n_permutations, (int, np.integer)) or n_permutations < 0:
-        raise InputError(f"n_permutations must be an int ≥ 0 (0 skips the permutation test), got {n_permutations!r}.")
+    n_permutations = check_int(n_permutations, "n_permutations", low=0, hint="0 skips the permutation test")
     binary = len(classes) == 2
     if positive is None:
         positive = ("harmful" if "harmful" in classes else classes[-1])
@@ -1012,6 +1005,41 @@ class TransferResult:
 
         return transfer_figure(self, ax=ax, relative_depth=relative_depth, label=label)
 
+    _ARRAYS = ("positive_rate", "rate_low", "rate_high", "accuracy", "acc_low", "acc_high")
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the result as a :mod:`lens_safety.store` artifact (per-layer numbers in safetensors, the
+        rest JSON).
+
+        >>> import tempfile, numpy as np
+        >>> a = np.array([0.5, 0.9])
+        >>> r = TransferResult([1, 2], a, a, a, a, a, a, "harmful", 10, "jailbreak", 2, "svm")
+        >>> TransferResult.load(r.save(tempfile.mkdtemp() + "/t")).to_frame().equals(r.to_frame())
+        True
+        """
+        meta = {"layers": [int(x) for x in self.layers], "positive": self.positive, "n": int(self.n),
+                "test_name": self.test_name, "n_layers": int(self.n_layers), "classifier": self.classifier,
+                "model_name": self.model_name, "holdout": self.holdout, "n_seen": int(self.n_seen)}
+        return store.write_artifact(directory, kind="TransferResult", schema_version=SCHEMA_VERSION, meta=meta,
+                                    tensors={k: np.asarray(getattr(self, k), dtype=np.float64) for k in self._ARRAYS})
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> TransferResult:
+        """Load what :meth:`save` wrote; :class:`~lens_safety.errors.CacheError` if it is missing or damaged."""
+        from .errors import CacheError
+
+        t, meta = store.read_artifact(directory, kind="TransferResult", schema_version=SCHEMA_VERSION,
+                                      framework="numpy")
+        try:
+            layers = [int(x) for x in meta["layers"]]
+            arrays = [t[k] for k in cls._ARRAYS]
+            if any(a.shape != (len(layers),) for a in arrays):
+                raise ValueError("the per-layer arrays do not match the layers")
+            return cls(layers, *arrays, meta["positive"], int(meta["n"]), meta["test_name"], int(meta["n_layers"]),
+                       meta["classifier"], meta["model_name"], meta["holdout"], int(meta["n_seen"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"{directory}: saved TransferResult is malformed ({e}); delete it and recompute.") from e
+
 
 def _transfer_result(pred: np.ndarray, y_test: np.ndarray, result: ProbeResult, positive: Any,
                      test_name: str) -> TransferResult:
@@ -1074,8 +1102,7 @@ def probe_transfer(train_residuals: Residuals, test_residuals: Residuals, positi
     holdout = "none" if holdout is None else holdout
     if holdout not in _HOLDOUTS:
         raise InputError(f"holdout must be one of {_HOLDOUTS} (or None), got {holdout!r}.")
-    if isinstance(n_splits, bool) or not isinstance(n_splits, (int, np.integer)) or n_splits < 2:
-        raise InputError(f"n_splits must be an int ≥ 2, got {n_splits!r}.")
+    n_splits = check_int(n_splits, "n_splits", low=2)
     X = _features(train_residuals)
     y = np.asarray(train_residuals.labels)
     if not (y == positive).any():
@@ -1256,9 +1283,7 @@ def claim1_verdict(result: ProbeResult, threshold: float = 0.95, early: int | No
         raise InputError(f"threshold must be in (0, 1], got {threshold!r}.")
     if early is None:
         early = max(2, math.ceil(result.n_layers / 4))
-    if isinstance(early, bool) or not isinstance(early, (int, np.integer)) or not 1 <= early <= result.n_layers:
-        raise InputError(f"early must be a layer in 1..{result.n_layers} (the last 'early' layer), got {early!r}.")
-    early = int(early)
+    early = check_int(early, "early", low=1, high=result.n_layers, kind="a layer", hint="the last 'early' layer")
     m = result.metrics
     acc, hi = np.asarray(m["accuracy"]), np.asarray(m["ci_high"])
     rows_early = [i for i, layer in enumerate(result.layers) if 1 <= layer <= early]

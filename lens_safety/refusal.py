@@ -45,9 +45,10 @@ from torch import Tensor
 from . import assets, parallel
 from .errors import CacheError, InputError, UnknownNameError
 from .judges import OUTCOMES, SUBSTRING_PHRASES, CallableJudge, Judge, as_judge, default_judge
-from .models import SafetyModel, position_ids_from_mask
+from .models import SafetyModel, forward_logits
 from .prompts import Prompt, PromptSet, as_prompt_set
 from .store import read_artifact, sha256_json, write_artifact
+from .validation import check_int, check_number, check_same_model
 
 __all__ = [
     "REFUSAL_STARTS", "COMPLIANCE_STARTS", "SCORE_MODES", "REFUSAL_PHRASES", "RefusalTokens", "judge", "generate",
@@ -256,28 +257,6 @@ def _stop_ids(model: SafetyModel) -> list[int]:
     return sorted(i for i in ids if 0 <= i < model.d_vocab)
 
 
-def _forward(bridge, ids: Tensor, mask: Tensor, cache=None, want_cache: bool = False):
-    """Logits at the last position only (HF ``logits_to_keep=1`` skips the full unembedding).
-
-    ``mask`` covers every position so far (a cached prefix too), ``ids`` the newest
-    ``ids.shape[1]`` of them. Position ids always come from the mask
-    (:func:`~lens_safety.models.position_ids_from_mask`): a row's first real token is position 0
-    and a decoding step's token sits at the number of real tokens before it, so a left-padded
-    row of an absolute-position model (GPT-2) gives what it gives alone.
-    """
-    kw: dict[str, Any] = {"attention_mask": mask, "logits_to_keep": 1,
-                          "position_ids": position_ids_from_mask(mask)[:, mask.shape[1] - ids.shape[1]:]}
-    if want_cache:
-        kw.update(return_type="logits_and_cache", use_cache=True)
-        if cache is not None:
-            # transformers 5 takes the KV cache as ``cache`` (``past_key_values`` is deprecated and
-            # warns on every step); :func:`_kv_cache_shim` hands it to TL's attention bridges.
-            kw["cache"] = cache
-        logits, cache = bridge(ids, **kw)
-        return logits[:, -1], cache
-    return bridge(ids, **kw)[:, -1], None
-
-
 @torch.no_grad()
 def _greedy_batch(model: SafetyModel, ids: Tensor, mask: Tensor, max_new_tokens: int,
                   stop: Tensor, pad_id: int, rows: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
@@ -287,7 +266,7 @@ def _greedy_batch(model: SafetyModel, ids: Tensor, mask: Tensor, max_new_tokens:
     rows = tuple(rows)
     token = _STEP.set(GenerationStep(0, width, True, rows))
     try:
-        logits, cache = _forward(bridge, ids, mask, want_cache=True)
+        logits, cache = forward_logits(bridge, ids, mask, want_cache=True)
         kv = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() == width
         if not kv:
             cache = None
@@ -305,10 +284,10 @@ def _greedy_batch(model: SafetyModel, ids: Tensor, mask: Tensor, max_new_tokens:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             _STEP.set(GenerationStep(step + 1, width, kv, rows))
             if kv:
-                logits, cache = _forward(bridge, nxt[:, None], mask, cache, want_cache=True)
+                logits, cache = forward_logits(bridge, nxt[:, None], mask, cache, want_cache=True)
             else:
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
-                logits, _ = _forward(bridge, seq, mask)
+                logits, _ = forward_logits(bridge, seq, mask)
             nxt = logits.argmax(-1)
         return torch.stack(out, dim=1), first_logits
     finally:
@@ -324,12 +303,10 @@ def _as_set(prompts, label: str = "unlabelled") -> PromptSet:
     return as_prompt_set(prompts, label=label)
 
 
-def _check_common(max_new_tokens: int | None, batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}.")
-    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
-                                       or max_new_tokens < 1):
-        raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
+def _check_common(max_new_tokens: int | None, batch_size: int) -> tuple[int | None, int]:
+    """``(max_new_tokens, batch_size)`` checked and as Python ints."""
+    return (check_int(max_new_tokens, "max_new_tokens", low=1, allow_none=True),
+            check_int(batch_size, "batch_size", low=1))
 
 
 def _run_generation(model: SafetyModel, ps: PromptSet, *, max_new_tokens: int, batch_size: int,
@@ -406,7 +383,7 @@ def generate(model: SafetyModel, prompts: PromptSet | Sequence[str], *, max_new_
     >>> len(out), isinstance(out[0], str)
     (1, True)
     """
-    _check_common(max_new_tokens, batch_size)
+    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size)
     ps = _as_set(prompts)
     texts, _, _ = _run_generation(model, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                   system=system, chat=chat, fwd_hooks=fwd_hooks, progress=progress)
@@ -427,7 +404,7 @@ def first_token_scores(model: SafetyModel, prompts: PromptSet | Sequence[str], *
     >>> first_token_scores(tiny_model(), ["Hi", "Bake bread"]).shape
     torch.Size([2])
     """
-    _check_common(None, batch_size)
+    _, batch_size = _check_common(None, batch_size)
     ps = _as_set(prompts)
     rt = tokens or RefusalTokens.from_tokenizer(model.tokenizer)
     formatted = model.format(ps, system=system, chat=chat)
@@ -440,7 +417,7 @@ def first_token_scores(model: SafetyModel, prompts: PromptSet | Sequence[str], *
         for start in range(0, len(ps), batch_size):
             rows = order[start:start + batch_size]
             enc = model.tokenize([formatted[i] for i in rows], chat=chat)
-            logits, _ = _forward(model.bridge, enc["input_ids"], enc["attention_mask"])
+            logits, _ = forward_logits(model.bridge, enc["input_ids"], enc["attention_mask"])
             out[rows] = rt.score(logits).cpu()
     return out
 
@@ -766,9 +743,9 @@ def evaluate_refusal(model: SafetyModel, prompts: PromptSet | Sequence[str], max
     >>> from lens_safety.testing import tiny_model
     >>> r = evaluate_refusal(tiny_model(), ["Hi"], max_new_tokens=2, cache=False, progress=False)
     >>> r.refused.dtype, len(r.completions), r.config["judge"].split(":")[0]
-    (dtype('bool'), 1, 'rules')
+    (dtype('bool'), 1, 'calibrated')
     """
-    _check_common(max_new_tokens, batch_size)
+    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size)
     ps = _as_set(prompts)
     j = as_judge(judge, model)
     formatting = model.formatting_key(system=system, chat=chat)
@@ -866,9 +843,8 @@ def attack_success(plain: RefusalResult, jailbroken: RefusalResult):
     if not isinstance(plain, RefusalResult) or not isinstance(jailbroken, RefusalResult):
         raise InputError("attack_success takes two RefusalResult objects (plain, jailbroken), from "
                          "evaluate_refusal.")
-    if plain.weights_hash != jailbroken.weights_hash:
-        raise InputError(f"The plain and jailbroken results come from different models "
-                         f"({plain.model_name}, {jailbroken.model_name}); evaluate both with one model.")
+    check_same_model(plain, jailbroken, "Cannot pair the plain and jailbroken results",
+                     fix="Evaluate both with one model.")
     by_request: dict[str, bool] = {}
     for p, o in zip(plain.prompts, plain.outcomes):
         by_request.setdefault(p.plain_request, o == "refused")
@@ -1099,14 +1075,12 @@ def jailbreak_pairs(model: SafetyModel, harmful: PromptSet | Sequence[str],
     """
     import pandas as pd
 
-    _check_common(max_new_tokens, batch_size)
-    if isinstance(min_gap, bool) or not isinstance(min_gap, (int, float)) or not np.isfinite(min_gap):
-        raise InputError(f"min_gap must be a finite number of logits (e.g. {MIN_GAP}), got {min_gap!r}.")
+    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size)
+    min_gap = check_number(min_gap, "min_gap", hint=f"logits, e.g. {MIN_GAP}")
     method_list = _resolve_methods(methods)
     harmful = _as_set(harmful, label="harmful")
+    n = check_int(n, "n", low=1, allow_none=True)
     if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InputError(f"n must be a positive int or None, got {n!r}.")
         harmful = harmful.sample(min(n, len(harmful)), seed=seed)
     from .jailbreaks import jailbreak
 

@@ -28,6 +28,7 @@ from typing import Any
 from .errors import CacheError, InputError
 from .judges import JUDGE_NAMES
 from .store import sha256_json
+from .validation import check_int
 
 __all__ = ["RunResult", "run_pipeline", "DEFAULT_JAILBREAKS"]
 
@@ -279,11 +280,8 @@ def _base_config(quick: bool, n: int | None, jailbreaks, batch_size: int, seed: 
     unknown = [m for m in chosen if m not in known]
     if unknown:
         raise InputError(f"Unknown jailbreak method(s) {unknown}; known: {', '.join(known)}.")
-    for name, v, low in (("batch_size", batch_size, 1), ("seed", seed, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise InputError(f"{name} must be an integer >= {low}, got {v!r}.")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
-        raise InputError(f"n must be an integer (prompts per set) or None, got {n!r}.")
+    batch_size, seed = check_int(batch_size, "batch_size", low=1), check_int(seed, "seed", low=0)
+    n = check_int(n, "n", allow_none=True, hint="prompts per set")
     if n is not None and n < 5:
         raise InputError(f"--n must be at least 5 (the probes' 5-fold CV needs 5 prompts per class), got {n}.")
     if quick:
@@ -602,12 +600,9 @@ class _Context:
         o.tables["probes_2way"] = p2.to_frame()
         o.tables["probes_3way"] = p3.to_frame()
         o.tables["probes_transfer"] = transfer.to_frame()
-        fig = p2.plot()
-        o.add_figure("probes_2way", fig if hasattr(fig, "savefig") else fig.figure)
-        fig3 = p3.plot()
-        o.add_figure("probes_3way", fig3 if hasattr(fig3, "savefig") else fig3.figure)
-        tf = transfer.plot()
-        o.add_figure("probes_transfer", tf if hasattr(tf, "savefig") else tf.figure)
+        o.add_figure("probes_2way", p2.plot())
+        o.add_figure("probes_3way", p3.plot())
+        o.add_figure("probes_transfer", transfer.plot())
         plt.close("all")
         first = p2.first_layer_above(0.95)
         first3 = p3.first_layer_above(0.95)
@@ -720,8 +715,7 @@ class _Context:
         o.metrics = {"best_layer": summary["best_layer"], "n_prompts": len(refused), "judge": summary["judge"],
                      "max_complied": int(candidates["n_complied"].max()) if len(candidates) else None,
                      "earliest_compliance": summary.get("earliest_compliance")}
-        fig = result.plot()
-        o.add_figure("graft", fig if hasattr(fig, "savefig") else fig.figure)
+        o.add_figure("graft", result.plot())
         return o
 
     def stage_patching(self) -> StageOutput:
@@ -744,8 +738,7 @@ class _Context:
             res = patch_layers(self.model, chosen, direction=direction, batch_size=self.cfg.batch_size * 2,
                                progress=self.progress)
             frames.append(res.break_layers())
-            fig = res.plot()
-            o.add_figure(f"patching_{direction}", fig if hasattr(fig, "savefig") else fig.figure)
+            o.add_figure(f"patching_{direction}", res.plot())
             o.tables[f"patching_{direction}"] = res.to_frame()
         breaks = pd.concat(frames, ignore_index=True)
         o.tables["break_layers"] = breaks

@@ -33,7 +33,7 @@ import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -41,7 +41,7 @@ from .errors import CacheError
 
 __all__ = ["TENSORS", "META", "sha256_file", "sha256_json", "jsonable", "atomic_dir", "write_json_atomic",
            "write_text_atomic", "MARKERS", "is_ours", "check_replaceable", "read_json", "write_artifact",
-           "read_artifact", "is_artifact"]
+           "read_artifact", "is_artifact", "Result"]
 
 TENSORS = "tensors.safetensors"
 META = "meta.json"
@@ -287,3 +287,35 @@ def read_artifact(directory: str | os.PathLike, *, kind: str, schema_version: in
         except Exception as e:  # safetensors raises its own error types
             raise CacheError(f"{path} is unreadable ({e}); delete it and recompute.") from e
     return tensors, meta
+
+
+@runtime_checkable
+class Result(Protocol):
+    """What every public result object of lens_safety offers (a ``runtime_checkable`` protocol).
+
+    - ``to_frame()``: a pandas DataFrame of the numbers;
+    - ``plot(ax=None)``: a matplotlib ``Figure`` (drawn on ``ax``'s figure when given; never an Axes);
+    - ``save(path)``: an artifact folder written by :func:`write_artifact` (safetensors + JSON, no pickle);
+    - ``load(path)`` (a classmethod): the object back; :class:`~lens_safety.errors.CacheError` when the
+      folder is missing, of another kind, edited or truncated (:func:`read_artifact`).
+
+    ``isinstance(obj, Result)`` checks that the four methods exist (not their signatures).
+
+    >>> import tempfile
+    >>> from lens_safety.prompts import PromptSet
+    >>> from lens_safety.refusal import RefusalResult
+    >>> r = RefusalResult(PromptSet.from_texts(["a"], label="x"), ["No."], [True], [1.0], "m", "h")
+    >>> isinstance(r, Result), type(r.plot()).__name__
+    (True, 'Figure')
+    >>> RefusalResult.load(r.save(tempfile.mkdtemp() + "/r")).to_frame().equals(r.to_frame())
+    True
+    """
+
+    def to_frame(self) -> Any: ...
+
+    def plot(self, ax: Any = None) -> Any: ...
+
+    def save(self, directory: str | os.PathLike) -> Path: ...
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Result: ...

@@ -50,13 +50,13 @@ if parallel.is_main():
 # salt "4" makes the tiny model's replies give kept and dropped pairs.
 JUDGE = """
 import zlib
-from lens_safety.judges import OUTCOMES, Judge, Verdict
+from lens_safety.judges import OUTCOMES, Judge, JudgedReply
 
 class HashJudge(Judge):
     name = "crc32"
 
     def verdicts(self, completions, requests=None):
-        return [Verdict(OUTCOMES[zlib.crc32(("4" + t).encode()) % 3], "crc32") for t in completions]
+        return [JudgedReply(OUTCOMES[zlib.crc32(("4" + t).encode()) % 3], "crc32") for t in completions]
 """
 
 GEN_SCRIPT = JUDGE + """

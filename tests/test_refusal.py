@@ -461,7 +461,7 @@ class ScriptedJudge(J.Judge):
     def verdicts(self, completions, requests=None):
         table = self.script[self.calls]
         self.calls += 1
-        return [J.Verdict(table.get(r, "complied"), "scripted") for r in requests]
+        return [J.JudgedReply(table.get(r, "complied"), "scripted") for r in requests]
 
 
 def test_jailbreak_pairs_end_to_end_keeps_and_drops(tiny):

@@ -14,10 +14,10 @@ import lens_safety as ls
 from lens_safety.errors import CacheError, InputError, ModelMismatchError
 from lens_safety.lens import lens_logits, logit_lens
 from lens_safety.testing import _CORPUS, tiny_model
+from lens_safety.translators import _kl_estimate, _unembed_parts
 from lens_safety.tuned_lens import (
     TunedLens,
     TunedLensConfig,
-    _kl_estimate,
     compare_lenses,
     lens_kl,
     resolve_lens,
@@ -82,8 +82,6 @@ def test_kl_estimate_is_exact_on_the_full_vocabulary(tiny):
     logp = torch.log_softmax(lens_logits(tiny, final).double(), -1)
     logq = torch.log_softmax(lens_logits(tiny, h).double(), -1)
     exact = (logp.exp()[:, None] * (logp[:, None] - logq)).sum(-1)
-    from lens_safety.tuned_lens import _unembed_parts
-
     w_u, b_u = _unembed_parts(tiny)
     logz = torch.logsumexp(lens_logits(tiny, final).float(), -1)
     with torch.no_grad():

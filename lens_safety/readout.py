@@ -1,0 +1,58 @@
+"""Read-out primitives shared by the logit lens (:mod:`lens_safety.lens`) and the tuned lens
+(:mod:`lens_safety.tuned_lens`): decoding raw residuals into logits, and the checks on residuals.
+
+A low module: it imports neither lens module, so both build on it without an import cycle.
+
+>>> import torch, lens_safety as ls
+>>> model = ls.testing.tiny_model()
+>>> lens_logits(model, torch.zeros(2, 5, model.d_model)).shape == (2, 5, model.d_vocab)
+True
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .errors import InputError, ModelMismatchError
+from .prompts import PromptSet
+from .validation import check_finite
+
+__all__ = ["lens_logits"]
+
+
+def _check_finite(t: Tensor, what: str) -> None:
+    """Raise :class:`~lens_safety.errors.NonFiniteActivationError` (an :class:`InputError`) when ``t``
+    holds NaN or inf (they would silently poison every mean)."""
+    check_finite(t, f"The {what}")
+
+
+def lens_logits(model, resid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
+    """Decode raw residual-stream vectors: ``unembed(final_norm(resid))`` (the norm applied once)."""
+    shape = resid.shape
+    x = resid.reshape(1, -1, shape[-1]).to(device=model.output_device, dtype=model.dtype)
+    with torch.no_grad():
+        logits = model.unembed(model.final_norm(x))
+    return logits.reshape(*shape[:-1], logits.shape[-1])
+
+
+def _as_residuals(model, residuals, system, chat, batch_size):
+    from .activations import Residuals, collect_residuals
+
+    if isinstance(residuals, Residuals):
+        return residuals
+    if isinstance(residuals, (PromptSet, list, tuple)):
+        return collect_residuals(model, residuals, batch_size=batch_size, cache=False, system=system,
+                                 chat=chat, progress=False)
+    raise InputError(f"Expected Residuals (from collect_residuals) or prompts, got {type(residuals).__name__}.")
+
+
+def _check_residuals_any(model, res) -> None:
+    """Model, layer count and finiteness of residuals (any positions)."""
+    model.check_compatible(res.weights_hash, res.d_model, what=f"residuals ({res.model_name})")
+    if res.n_layers != model.n_layers:
+        raise ModelMismatchError(f"The residuals have {res.n_layers} layers, {model.name} has {model.n_layers}.")
+    _check_finite(res.values, f"residuals ({res.model_name}, {len(res)} prompts)")
+
+
