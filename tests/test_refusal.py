@@ -228,6 +228,19 @@ def test_generate_errors(tiny):
         R.evaluate_refusal(tiny, ["Hi"], max_new_tokens=0, cache=False, progress=False)
 
 
+def _count_generations(monkeypatch) -> list:
+    """Patch generation to record each call; returns the (growing) list of calls."""
+    calls: list = []
+    real = R._run_generation
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, "_run_generation", counting)
+    return calls
+
+
 # -- RefusalResult, cache --------------------------------------------------------------------
 
 def test_evaluate_refusal_fields_and_judge(tiny):
@@ -320,14 +333,7 @@ def test_cache_hit_skips_model_and_corruption_rebuilds(tiny, home, monkeypatch):
 
     path = entries[0] / "meta.json"
     path.write_text(path.read_text()[:100])  # truncated
-    calls = []
-    real = R._run_generation
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(R, "_run_generation", counting)
+    calls = _count_generations(monkeypatch)
     rebuilt = R.evaluate_refusal(tiny, PROMPTS, max_new_tokens=5, progress=False)
     assert calls == [1]
     assert rebuilt.completions == first.completions
@@ -339,14 +345,7 @@ def test_cache_key_covers_tokenizer_transformers_version_and_requests(tiny, home
 
     key = R._result_key(tiny, PromptSet.from_texts(PROMPTS, label="x"), tiny.formatting_key(), 3)
     assert key["transformers_version"] == transformers.__version__ and key["tokenizer"] == tiny.tokenizer_key()
-    calls = []
-    real = R._run_generation
-
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(R, "_run_generation", counting)
+    calls = _count_generations(monkeypatch)
     wrapped = [Prompt(f"Roleplay: {t}", "harmful", request=t, method="roleplay") for t in PROMPTS[:2]]
     first = R.evaluate_refusal(tiny, PromptSet(wrapped), max_new_tokens=3, progress=False)
     R.evaluate_refusal(tiny, PromptSet(wrapped), max_new_tokens=3, progress=False)
