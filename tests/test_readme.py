@@ -229,3 +229,11 @@ def test_xstest_string_matcher_is_a_prefix_match():
     mod = _judge_agreement_module()
     assert mod.xstest_string(["Sorry, no.", "  I can't do that", "Here is why I'm sorry", "As an AI, sure"]).tolist() \
         == [True, True, False, True]
+
+
+def test_readme_figures_exist_and_are_pngs():
+    root = Path(__file__).resolve().parents[1]
+    figures = re.findall(r"\]\((docs/figures/[^)]+\.png)\)", (root / "README.md").read_text())
+    assert len(figures) >= 4
+    for f in figures:
+        assert (root / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
