@@ -1043,6 +1043,36 @@ class DirectionEffects:
 
         return viz.direction_effects_figure(self, ax=ax)
 
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the effects as a :mod:`lens_safety.store` artifact: the table, KL, CE and config as JSON,
+        each :class:`~lens_safety.refusal.RefusalResult` in a sub-folder (``result0``, ``result1`` ...)."""
+        keys = list(self.results)
+        meta = {"table": store.frame_to_json(self.table), "kl_harmless": self.kl_harmless, "ce": self.ce,
+                "coeff": self.coeff, "config": self.config, "kl_ci": list(self.kl_ci),
+                "results": [list(k) for k in keys]}
+        return store.write_artifact(directory, kind="DirectionEffects", schema_version=SCHEMA_VERSION, meta=meta,
+                                    children={f"result{i}": self.results[k] for i, k in enumerate(keys)})
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> DirectionEffects:
+        """Load what :meth:`save` wrote (and its RefusalResults); :class:`~lens_safety.errors.CacheError` if
+        it or one of its sub-folders is missing or damaged."""
+        from .errors import CacheError
+        from .refusal import RefusalResult
+
+        _, meta = store.read_artifact(directory, kind="DirectionEffects", schema_version=SCHEMA_VERSION,
+                                      framework="numpy")
+        try:
+            results = {(str(s), str(c)): RefusalResult.load(Path(directory) / f"result{i}")
+                       for i, (s, c) in enumerate(meta["results"])}
+            f = store.json_float
+            return cls(store.frame_from_json(meta["table"]), f(meta["kl_harmless"]),
+                       {str(k): f(v) for k, v in meta["ce"].items()}, float(meta["coeff"]), dict(meta["config"]),
+                       (f(meta["kl_ci"][0]), f(meta["kl_ci"][1])), results)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"{directory}: saved DirectionEffects is malformed ({e}); delete it and "
+                             "recompute.") from e
+
 
 @torch.no_grad()
 def direction_effects(model: SafetyModel, direction: RefusalDirection, harmful: PromptSet | Sequence[str],

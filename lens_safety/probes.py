@@ -63,6 +63,7 @@ __all__ = [
     "ProbeNotFittedError", "LinearSVMProbe", "LogisticProbe", "MLPProbe", "DiffMeansProbe",
     "probe_layers", "ProbeResult", "LayerAccuracy", "TransferResult", "probe_transfer", "transfer_to",
     "refusal_directions", "relative_depth_frame", "request_groups", "claim1_verdict", "Claim1Verdict",
+    "claim1_rule", "claim1_early", "Claim1Rule",
     "CLAIM1_VERDICTS", "wilson_interval", "auroc_interval",
 ]
 
@@ -1244,9 +1245,94 @@ class Claim1Verdict:
 
         return claim1_figure([self, *others], ax=ax)
 
+    _LAYERS = ("first", "early_best", "best")
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the verdict as a :mod:`lens_safety.store` artifact (JSON), its :class:`ProbeResult` (when
+        it has one) in the sub-folder ``result``."""
+        meta = {k: getattr(self, k) for k in ("verdict", "threshold", "early", "n", "n_layers", "name",
+                                              "length_accuracy", "shuffled_max", "embedding_at_chance", "reason")}
+        meta.update({k: None if getattr(self, k) is None else list(getattr(self, k)) for k in self._LAYERS})
+        return store.write_artifact(directory, kind="Claim1Verdict", schema_version=SCHEMA_VERSION, meta=meta,
+                                    children=None if self.result is None else {"result": self.result})
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Claim1Verdict:
+        """Load what :meth:`save` wrote (and its ProbeResult); :class:`~lens_safety.errors.CacheError` if it
+        or its ``result`` sub-folder is missing or damaged."""
+        from .errors import CacheError
+
+        _, meta = store.read_artifact(directory, kind="Claim1Verdict", schema_version=SCHEMA_VERSION,
+                                      framework="numpy")
+        try:
+            f = store.json_float
+            layers = {k: None if meta[k] is None else LayerAccuracy(int(meta[k][0]), *(f(x) for x in meta[k][1:]))
+                      for k in cls._LAYERS}
+            chance = meta["embedding_at_chance"]
+            result = ProbeResult.load(Path(directory) / "result") if "result" in meta.get("children_sha256", {}) \
+                else None
+            return cls(str(meta["verdict"]), float(meta["threshold"]), int(meta["early"]), layers["first"],
+                       layers["early_best"], layers["best"], int(meta["n"]), int(meta["n_layers"]), str(meta["name"]),
+                       f(meta["length_accuracy"]), f(meta["shuffled_max"]), None if chance is None else bool(chance),
+                       str(meta["reason"]), result)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"{directory}: saved Claim1Verdict is malformed ({e}); delete it and recompute.") from e
+
 
 def _fmt(la: LayerAccuracy) -> str:
     return f"layer {la.layer} ({la.accuracy:.3f}, 95% CI {la.ci_low:.3f}–{la.ci_high:.3f})"
+
+
+def claim1_early(n_layers: int, early_fraction: float = 0.25) -> int:
+    """The last layer that counts as "the first few": ``max(2, ceil(early_fraction x n_layers))``
+    (6 of 24 blocks).
+
+    >>> claim1_early(24), claim1_early(8), claim1_early(4)
+    (6, 2, 2)
+    """
+    return max(2, math.ceil(early_fraction * n_layers))
+
+
+class Claim1Rule(NamedTuple):
+    """What :func:`claim1_rule` finds on a per-layer accuracy curve (layers ≥ 1 only; NaN never counts)."""
+
+    status: str  #: "reproduced", "partly" or "not reproduced"
+    first: LayerAccuracy | None  #: the first layer whose accuracy is ≥ threshold
+    early_best: LayerAccuracy | None  #: the most accurate of layers 1..early
+    body_best: LayerAccuracy | None  #: the most accurate layer
+    covering: LayerAccuracy | None  #: the most accurate layer whose CI reaches the threshold
+
+
+def claim1_rule(layers: Sequence[int], accuracy, ci_low, ci_high, *, early: int,
+                threshold: float = 0.95) -> Claim1Rule:
+    """The claim-1 rule, on pooled out-of-fold accuracy per layer (layer 0, the embedding, never counts):
+    **reproduced** when the first layer with accuracy ≥ ``threshold`` is within ``1..early``;
+    **partly** when it comes later, or no layer reaches it but some layer's 95% CI does; else
+    **not reproduced**. The one source of the rule for :func:`claim1_verdict` and
+    :func:`lens_safety.report.verdict_claim1` (ties: the first layer).
+
+    >>> r = claim1_rule([0, 1, 2, 3], [0.5, 0.9, 0.94, 0.96], [0.4, 0.85, 0.9, 0.93], [0.6, 0.95, 0.97, 0.98],
+    ...                 early=2)
+    >>> r.status, r.first.layer, r.early_best.layer
+    ('partly', 3, 2)
+    """
+    acc, lo, hi = (np.asarray(a, dtype=np.float64) for a in (accuracy, ci_low, ci_high))
+    at = [LayerAccuracy(int(layer), float(acc[i]), float(lo[i]), float(hi[i])) for i, layer in enumerate(layers)]
+    body = [la for la in at if la.layer >= 1]
+
+    def best(rows: list[LayerAccuracy]) -> LayerAccuracy | None:
+        rows = [la for la in rows if la.accuracy == la.accuracy]
+        return max(rows, key=lambda la: la.accuracy) if rows else None  # max keeps the first on ties
+
+    first = next((la for la in body if la.accuracy >= threshold), None)
+    covering = best([la for la in body if la.ci_high >= threshold])
+    if first is not None and first.layer <= early:
+        status = "reproduced"
+    elif first is not None or covering is not None:
+        status = "partly"
+    else:
+        status = "not reproduced"
+    return Claim1Rule(status, first, best([la for la in body if la.layer <= early]), best(body), covering)
 
 
 def claim1_verdict(result: ProbeResult, threshold: float = 0.95, early: int | None = None,
@@ -1282,33 +1368,22 @@ def claim1_verdict(result: ProbeResult, threshold: float = 0.95, early: int | No
     if not 0 < float(threshold) <= 1:
         raise InputError(f"threshold must be in (0, 1], got {threshold!r}.")
     if early is None:
-        early = max(2, math.ceil(result.n_layers / 4))
+        early = claim1_early(result.n_layers)
     early = check_int(early, "early", low=1, high=result.n_layers, kind="a layer", hint="the last 'early' layer")
     m = result.metrics
-    acc, hi = np.asarray(m["accuracy"]), np.asarray(m["ci_high"])
-    rows_early = [i for i, layer in enumerate(result.layers) if 1 <= layer <= early]
-    rows_body = [i for i, layer in enumerate(result.layers) if layer >= 1]
-    first = result.first_layer_above(threshold)
-    if first is not None and first.layer == 0:  # the embedding never counts; look past it
-        later = [i for i, layer in enumerate(result.layers) if layer >= 1 and acc[i] >= threshold]
-        first = result._at(later[0]) if later else None
-    early_best = result._at(max(rows_early, key=lambda i: acc[i])) if rows_early else None
+    rule = claim1_rule(result.layers, m["accuracy"], m["ci_low"], m["ci_high"], early=early, threshold=threshold)
+    verdict, first, early_best = rule.status, rule.first, rule.early_best
     best = result.best_layer()
-    body_ci = [i for i in rows_body if hi[i] >= threshold]
-    if first is not None and first.layer <= early:
-        verdict = "reproduced"
+    if verdict == "reproduced":
         reason = f"accuracy ≥ {threshold} first at {_fmt(first)}, within layers 1–{early}"
-    elif first is not None or body_ci:
-        verdict = "partly"
+    elif verdict == "partly":
         if first is not None:
             reason = f"accuracy ≥ {threshold} only from {_fmt(first)}, after layer {early}"
         else:
-            top = max(body_ci, key=lambda i: acc[i])
-            reason = f"no layer reaches {threshold}, but the CI of {_fmt(result._at(top))} includes it"
+            reason = f"no layer reaches {threshold}, but the CI of {_fmt(rule.covering)} includes it"
         if early_best is not None:
             reason += f"; best early layer: {_fmt(early_best)}"
     else:
-        verdict = "not reproduced"
         reason = f"no layer reaches {threshold}; best {_fmt(best)}"
         if early_best is not None:
             reason += f"; best early layer: {_fmt(early_best)}"

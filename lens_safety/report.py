@@ -864,9 +864,11 @@ def verdict_claim1(probes, *, threshold: float = 0.95, early_fraction: float = 0
 
     ``probes`` is the 2-way per-layer table (``ProbeResult.to_frame()``: ``layer``, ``accuracy``,
     ``ci_low``, ``ci_high``; layer 0 = embedding output). "First few" are residual layers
-    1..max(2, ceil(``early_fraction`` x n_layers)). Reproduced: the accuracy reaches the threshold
-    there. Partly: it reaches it only later, or never but a 95% CI includes it. Otherwise not
-    reproduced.
+    1..max(2, ceil(``early_fraction`` x n_layers)), ``n_layers`` the model's (from the table's
+    ``relative_depth``; without it, the last layer in the table). Reproduced: the accuracy reaches
+    the threshold there. Partly: it reaches it only later, or never but a 95% CI includes it.
+    Otherwise not reproduced. The rule is :func:`lens_safety.probes.claim1_rule`, as for
+    :func:`lens_safety.probes.claim1_verdict`.
 
     >>> import pandas as pd
     >>> t = pd.DataFrame({"layer": [0, 1, 2, 3, 4, 5, 6, 7, 8], "accuracy": [.5, .8, .9, .93, .96, .97, .97, .97, .97],
@@ -875,41 +877,52 @@ def verdict_claim1(probes, *, threshold: float = 0.95, early_fraction: float = 0
     >>> v = verdict_claim1(t)
     >>> v.status, v.layer
     ('partly', 4)
+    >>> verdict_claim1(t.assign(relative_depth=t["layer"] / 24)).status  # 9 of 24 layers probed: early = 6
+    'reproduced'
     """
-    import math
+    from .probes import LayerAccuracy, claim1_early, claim1_rule
 
     if probes is None or len(probes) == 0:
         return Verdict("claim 1", NOT_MEASURED, "no probe table")
-    layers = [int(x) for x in probes["layer"]]
-    n_layers = max(layers)
-    early_max = max(2, math.ceil(early_fraction * n_layers))
-    body = probes[probes["layer"] >= 1]
-    hits = body[body["accuracy"] >= threshold]
-    early = body[body["layer"] <= early_max]
-    best_early = early.loc[early["accuracy"].idxmax()] if len(early) else None
+    n_layers = _frame_n_layers(probes)
+    early_max = claim1_early(n_layers, early_fraction)
+    rule = claim1_rule(probes["layer"], probes["accuracy"], probes["ci_low"], probes["ci_high"], early=early_max,
+                       threshold=threshold)
     versus = f"harmful vs {harmless}"
-    if len(hits):
-        r = hits.iloc[0]
-        layer = int(r["layer"])
+    if rule.first is not None:
+        r, layer = rule.first, rule.first.layer
         ev = (f"{versus}: accuracy first reaches {threshold:.2f} at layer {layer} of {n_layers} "
-              f"({r['accuracy']:.3f}, 95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f})")
-        if layer <= early_max:
+              f"({r.accuracy:.3f}, 95% CI {r.ci_low:.3f}-{r.ci_high:.3f})")
+        if rule.status == REPRODUCED:
             return Verdict("claim 1", REPRODUCED, ev + f", within the first {early_max} layers",
-                           float(r["accuracy"]), (float(r["ci_low"]), float(r["ci_high"])), layer)
-        ev += (f"; not within the first {early_max} layers (best there: layer {int(best_early['layer'])}, "
-               f"{best_early['accuracy']:.3f}, CI {best_early['ci_low']:.3f}-{best_early['ci_high']:.3f})")
-        return Verdict("claim 1", PARTLY, ev, float(r["accuracy"]), (float(r["ci_low"]), float(r["ci_high"])), layer)
-    best = body.loc[body["accuracy"].idxmax()] if len(body) else probes.loc[probes["accuracy"].idxmax()]
-    ci = (float(best["ci_low"]), float(best["ci_high"]))
-    ev = (f"{versus}: accuracy never reaches {threshold:.2f}; best layer {int(best['layer'])} of {n_layers} "
-          f"({best['accuracy']:.3f}, 95% CI {ci[0]:.3f}-{ci[1]:.3f})")
-    covering = body[body["ci_high"] >= threshold]
-    status = PARTLY if len(covering) else NOT_REPRODUCED
-    if status == PARTLY:
-        c = covering.loc[covering["accuracy"].idxmax()]
-        ev += (f"; the CI of layer {int(c['layer'])} includes {threshold:.2f}" if int(c["layer"]) != int(best["layer"])
+                           r.accuracy, (r.ci_low, r.ci_high), layer)
+        ev += f"; not within the first {early_max} layers"
+        if (e := rule.early_best) is not None:
+            ev += f" (best there: layer {e.layer}, {e.accuracy:.3f}, CI {e.ci_low:.3f}-{e.ci_high:.3f})"
+        return Verdict("claim 1", PARTLY, ev, r.accuracy, (r.ci_low, r.ci_high), layer)
+    best = rule.body_best
+    if best is None:  # no residual layer in the table (only the embedding): its best row
+        b = probes.loc[probes["accuracy"].idxmax()]
+        best = LayerAccuracy(int(b["layer"]), float(b["accuracy"]), float(b["ci_low"]), float(b["ci_high"]))
+    ci = (best.ci_low, best.ci_high)
+    ev = (f"{versus}: accuracy never reaches {threshold:.2f}; best layer {best.layer} of {n_layers} "
+          f"({best.accuracy:.3f}, 95% CI {ci[0]:.3f}-{ci[1]:.3f})")
+    if rule.status == PARTLY:
+        c = rule.covering
+        ev += (f"; the CI of layer {c.layer} includes {threshold:.2f}" if c.layer != best.layer
                else f": the CI includes {threshold:.2f}")
-    return Verdict("claim 1", status, ev, float(best["accuracy"]), ci, int(best["layer"]))
+    return Verdict("claim 1", rule.status, ev, best.accuracy, ci, best.layer)
+
+
+def _frame_n_layers(probes) -> int:
+    """The model's layer count behind a probe table: ``layer / relative_depth`` (``ProbeResult.to_frame()``
+    has it; the table may hold only some layers), else the last layer in the table."""
+    layers = [int(x) for x in probes["layer"]]
+    if "relative_depth" in probes:
+        for layer, depth in zip(layers, probes["relative_depth"]):
+            if layer > 0 and depth == depth and depth > 0:
+                return int(round(layer / float(depth)))
+    return max(layers)
 
 
 def verdict_claim2(mass, emergence: dict[str, Any], *, n_layers: int | None = None, category: str = "refusal",

@@ -4,7 +4,9 @@ The one place for lens_safety's storage. Every artifact folder holds
 
 - ``meta.json``: ``kind``, ``schema_version``, the caller's metadata, the sha256 of the tensors
   file, and ``content_sha256`` over the rest of the JSON (so an edited or truncated file is caught);
-- ``tensors.safetensors`` (optional): named arrays. Never pickle.
+- ``tensors.safetensors`` (optional): named arrays. Never pickle;
+- sub-folders (optional): nested results, each an artifact itself, the sha256 of its ``meta.json``
+  recorded in ``children_sha256`` (``write_artifact(children=...)``).
 
 Folders are built under a unique temporary name beside the target and renamed into place, so a
 crash never leaves a half artifact under the real name, concurrent writers never share a temporary
@@ -41,7 +43,7 @@ from .errors import CacheError
 
 __all__ = ["TENSORS", "META", "sha256_file", "sha256_json", "jsonable", "atomic_dir", "write_json_atomic",
            "write_text_atomic", "MARKERS", "is_ours", "check_replaceable", "read_json", "write_artifact",
-           "read_artifact", "is_artifact", "Result"]
+           "read_artifact", "is_artifact", "Result", "frame_to_json", "frame_from_json", "json_float"]
 
 TENSORS = "tensors.safetensors"
 META = "meta.json"
@@ -71,6 +73,15 @@ def jsonable(x: Any) -> Any:
     if isinstance(x, Path):
         return str(x)
     return x
+
+
+def json_float(x: Any) -> float:
+    """A float read back from :func:`jsonable` JSON: ``None`` (how NaN/inf are written) -> NaN.
+
+    >>> json_float(None), json_float(2)
+    (nan, 2.0)
+    """
+    return float("nan") if x is None else float(x)
 
 
 def sha256_json(obj: Any) -> str:
@@ -211,16 +222,56 @@ def read_json(path: str | os.PathLike, *, what: str = "file", checksum: bool = F
 
 
 def write_artifact(directory: str | os.PathLike, *, kind: str, schema_version: int, meta: Mapping[str, Any],
-                   tensors: Mapping[str, Any] | None = None) -> Path:
-    """Atomically write ``meta`` (JSON) and ``tensors`` (torch tensors or numpy arrays) into ``directory``."""
+                   tensors: Mapping[str, Any] | None = None, children: Mapping[str, Any] | None = None) -> Path:
+    """Atomically write ``meta`` (JSON) and ``tensors`` (torch tensors or numpy arrays) into ``directory``.
+
+    ``children``: nested results (anything with ``save(path)``, itself an artifact) saved into
+    sub-folders of that name inside the same atomic write; the sha256 of each one's ``meta.json`` is
+    recorded (``children_sha256``) and checked by :func:`read_artifact`. Load them with their own ``load``.
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> class Child:
+    ...     def save(self, path): return write_artifact(path, kind="child", schema_version=1, meta={"x": 1})
+    >>> _ = write_artifact(d + "/p", kind="parent", schema_version=1, meta={}, children={"c": Child()})
+    >>> read_artifact(d + "/p/c", kind="child", schema_version=1)[1]["x"]
+    1
+    """
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         doc: dict[str, Any] = {"kind": kind, "schema_version": schema_version, **jsonable(dict(meta))}
         if tensors:
             _save_tensors(dict(tensors), tmp / TENSORS)
             doc["tensors_sha256"] = sha256_file(tmp / TENSORS)
+        if children:
+            doc["children_sha256"] = {}
+            for name, child in children.items():
+                if not isinstance(name, str) or not name.isidentifier():
+                    raise ValueError(f"child name {name!r} is not a plain identifier (a sub-folder name).")
+                child.save(tmp / name)
+                doc["children_sha256"][name] = sha256_file(tmp / name / META)
         write_json_atomic(tmp / META, doc, checksum=True)
     return directory
+
+
+def frame_to_json(frame: Any) -> dict[str, Any]:
+    """A pandas DataFrame as JSON-safe ``{"columns", "dtypes", "data"}`` (NaN -> None); see :func:`frame_from_json`.
+
+    >>> import pandas as pd
+    >>> f = pd.DataFrame({"set": ["a", "b"], "n": [1, 2], "rate": [0.5, float("nan")]})
+    >>> frame_from_json(json.loads(json.dumps(frame_to_json(f)))).equals(f)
+    True
+    """
+    return {"columns": [str(c) for c in frame.columns], "dtypes": [str(t) for t in frame.dtypes],
+            "data": jsonable(frame.to_numpy(dtype=object).tolist())}
+
+
+def frame_from_json(doc: Mapping[str, Any]) -> Any:
+    """The DataFrame back from :func:`frame_to_json` (column order and dtypes restored)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(doc["data"], columns=doc["columns"], dtype=object)
+    return frame.astype(dict(zip(doc["columns"], doc["dtypes"])))
 
 
 def _save_tensors(tensors: dict[str, Any], path: Path) -> None:
@@ -286,6 +337,13 @@ def read_artifact(directory: str | os.PathLike, *, kind: str, schema_version: in
                 tensors = {k: v.clone() for k, v in load_file(str(path)).items()}
         except Exception as e:  # safetensors raises its own error types
             raise CacheError(f"{path} is unreadable ({e}); delete it and recompute.") from e
+    for name, sha in (meta.get("children_sha256") or {}).items():
+        child = directory / str(name) / META
+        if not child.is_file():
+            raise CacheError(f"{child} is missing: the {what} is incomplete; delete it and recompute.")
+        if sha256_file(child) != sha:
+            raise CacheError(f"{child} does not match its recorded sha256 (edited or replaced); "
+                             "delete it and recompute.")
     return tensors, meta
 
 

@@ -49,15 +49,18 @@ TunedLens(model='tiny-hf-0', layers=0..3, steps=5, positions=...)
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import store
 from .errors import InputError
-from .lens import logit_lens
+from .lens import LensResult, logit_lens
 from .readout import _as_residuals, _check_finite, _check_residuals_any, lens_logits
 from .stats import mean_ci
 from .translators import (  # the tuned lens itself, re-exported: this is its public module
@@ -202,6 +205,29 @@ class LensComparison:
         from . import viz
 
         return viz.lens_comparison_figure(self, categories=categories, axes=axes)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the comparison as a :mod:`lens_safety.store` artifact: the KL table as JSON, the two
+        :class:`~lens_safety.lens.LensResult` and the :class:`TunedLens` in sub-folders ``logit``,
+        ``tuned`` and ``lens``."""
+        return store.write_artifact(directory, kind="LensComparison", schema_version=SCHEMA_VERSION,
+                                    meta={"kl": store.frame_to_json(self.kl)},
+                                    children={"logit": self.logit, "tuned": self.tuned, "lens": self.lens})
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> LensComparison:
+        """Load what :meth:`save` wrote; :class:`~lens_safety.errors.CacheError` if it or one of its
+        sub-folders is missing or damaged."""
+        from .errors import CacheError
+
+        _, meta = store.read_artifact(directory, kind="LensComparison", schema_version=SCHEMA_VERSION,
+                                      framework="numpy")
+        try:
+            kl = store.frame_from_json(meta["kl"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CacheError(f"{directory}: saved LensComparison is malformed ({e}); delete it and recompute.") from e
+        d = Path(directory)
+        return cls(LensResult.load(d / "logit"), LensResult.load(d / "tuned"), kl, TunedLens.load(d / "lens"))
 
 
 def compare_lenses(model, residuals, lens=None, *, top_k: int = 5, lexicon=None, level: float = 0.95,

@@ -306,6 +306,34 @@ def test_verdict_claim1_statuses():
     assert rep.verdict_claim1(pd.DataFrame()).status == "not measured"
 
 
+def test_verdict_claim1_agrees_with_probes_claim1_verdict_on_a_partial_table():
+    """Both claim-1 verdicts apply probes.claim1_rule. On the first 9 layers (0..8) of a 24-layer model,
+    with accuracy >= 0.95 first at layer 4, probes.claim1_verdict counts layers 1..6 as early (n_layers=24)
+    and says "reproduced"; report.verdict_claim1 used to take n_layers = the last layer in the table (8),
+    so early = 1..2, and said "partly". Now it reads n_layers from the table's relative_depth."""
+    import numpy as np
+
+    from lens_safety.probes import ProbeResult, claim1_verdict
+
+    acc = np.array([0.5, 0.8, 0.9, 0.93, 0.96, 0.97, 0.97, 0.98, 0.98])
+    r = ProbeResult(layers=list(range(9)), metrics={"accuracy": acc, "ci_low": acc - 0.03,
+                    "ci_high": np.minimum(acc + 0.03, 1.0)}, classes=["harmful", "harmless"], classifier="svm",
+                    task="2-way", n=400, cv=5, seed=0, n_layers=24, chance=0.5)
+    pv, rv = claim1_verdict(r), rep.verdict_claim1(r.to_frame())
+    assert (pv.verdict, pv.early, pv.first.layer) == ("reproduced", 6, 4)
+    assert (rv.status, rv.layer, rv.value, rv.ci) == (pv.verdict, pv.first.layer, pv.first.accuracy,
+                                                      (pv.first.ci_low, pv.first.ci_high))
+    assert "layer 4 of 24" in rv.evidence and "within the first 6 layers" in rv.evidence
+    # and where they say "partly" / "not reproduced", they agree too (no relative_depth: the last layer is n_layers)
+    for curve, ci in (([0.5, 0.8, 0.9, 0.93, 0.96], 0.03), ([0.5, 0.9, 0.93, 0.94, 0.92], 0.01),
+                      ([0.97, 0.6, 0.7, 0.8, 0.9], 0.01)):
+        a = np.array(curve)
+        r = ProbeResult(layers=list(range(5)), metrics={"accuracy": a, "ci_low": a - ci, "ci_high": a + ci},
+                        classes=["harmful", "harmless"], classifier="svm", task="2-way", n=400, cv=5, seed=0,
+                        n_layers=4, chance=0.5)
+        assert rep.verdict_claim1(r.to_frame().drop(columns="relative_depth")).status == claim1_verdict(r).verdict
+
+
 def _mass_table(harm, safe, layer=17, n_layers=24):
     rows = []
     for label, (m, lo, hi) in (("harmful", harm), ("harmless", safe)):
