@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--long-batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--judge", default="rules", help="rules (default), substring or model")
+    ap.add_argument("--judge", default="calibrated", help="calibrated (default), rules, substring or model")
     ap.add_argument("--min-gap", type=float, default=1.0)
     ap.add_argument("--pairs-n", type=int, default=0, help="only compare pair rules on this many requests")
     ap.add_argument("--pairs-seed", type=int, default=1)
