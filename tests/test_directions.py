@@ -195,13 +195,7 @@ def test_kl_matches_scipy():
 
 # -- orthogonalisation and export -------------------------------------------------------------
 
-def test_orthogonalize_equals_ablation_and_round_trips(tmp_path):
-    # A fresh model, not the session fixture: in one test order (results_protocol, store_stats, probes, report,
-    # tuned_lens, judge, readme, architecture, validation, then this file) an earlier test left the shared
-    # model so that its export reloaded 0.13 away; not found yet (see the session notes).
-    from lens_safety.testing import tiny_model
-
-    tiny = tiny_model("hf", seed=0)
+def test_orthogonalize_equals_ablation_and_round_trips(tiny, tmp_path):
     d = _direction(tiny)
     before = _logits(tiny, TEXTS)
     base_hash = tiny.weights_hash

@@ -4,6 +4,7 @@ measured table is the rendering of the committed metrics.json of a real run."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import re
@@ -124,6 +125,10 @@ def test_readme_python_runs_on_the_tiny_model(tiny, home, monkeypatch):
     import lens_safety.prompts
     import lens_safety.refusal
 
+    # Import every module first: a module imported for the first time while the stand-ins are in place would
+    # bind them for good (`from .models import load_model`) and hand them to later tests.
+    for name in sorted(ls._SUBMODULES):
+        importlib.import_module(f"lens_safety.{name}")
     stand_ins = {"load_model": (lens_safety.models, _bound(lens_safety.models.load_model, lambda *a, **k: tiny)),
                  "load_prompts": (lens_safety.prompts, _bound(lens_safety.prompts.load_prompts, _prompts)),
                  "jailbreak_pairs": (lens_safety.refusal, _bound(lens_safety.refusal.jailbreak_pairs, _pairs)),
@@ -131,8 +136,9 @@ def test_readme_python_runs_on_the_tiny_model(tiny, home, monkeypatch):
                                                                   max_new_tokens=3)),
                  "patch_layers": (lens_safety.patching, _keep_all_pairs(lens_safety.patching.patch_layers))}
     for name, (module, value) in stand_ins.items():
-        monkeypatch.setattr(module, name, value)
+        # the package first: its lazy export would otherwise read (and cache, and later "restore") the stand-in
         monkeypatch.setattr(ls, name, value)
+        monkeypatch.setattr(module, name, value)
     namespace: dict = {}
     for i, block in enumerate(python_blocks(README.read_text(encoding="utf-8"))):
         try:
