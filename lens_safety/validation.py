@@ -1,7 +1,8 @@
 """Argument checks shared by the whole package (in the spirit of ``sklearn.utils.validation``).
 
-A low module: it imports only :mod:`lens_safety.errors` and third-party libraries, so every
-other module can use it. Each check raises the project's error class with a message that
+A low module: it imports only :mod:`lens_safety.errors`, numpy and the standard library (never
+torch: the judges and prompt modules that use it stay light), so every other module can use it. Each
+check raises the project's error class with a message that
 names the argument, what was expected, what was found and, where given, what it means.
 
 >>> check_int(3, "batch_size", low=1)
@@ -20,8 +21,9 @@ import numbers
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import sys
+
 import numpy as np
-import torch
 
 from .errors import InputError, ModelMismatchError, NonFiniteActivationError
 
@@ -107,7 +109,8 @@ def check_number(value: Any, name: str, *, low: float | None = None, high: float
 
 def _first_bad(x: Any) -> tuple[int, tuple[int, ...]] | None:
     """(count, index of the first) of the NaN/inf entries of an array or tensor; None if all finite."""
-    if isinstance(x, torch.Tensor):
+    torch = sys.modules.get("torch")  # not imported here: a tensor exists only once torch is loaded
+    if torch is not None and isinstance(x, torch.Tensor):
         if not (x.is_floating_point() or x.is_complex()):
             return None
         bad = ~torch.isfinite(x.detach())
@@ -139,6 +142,7 @@ def check_finite(x: Any, what: str, *, hint: str = DEFAULT_NONFINITE_HINT,
     bad entry of a mapping) into the location phrase; by default the first index is given.
     Integer and boolean values are always finite.
 
+    >>> import torch
     >>> check_finite(torch.tensor([[1.0, float("nan")]]), "The scores", hint="Recompute them.")
     Traceback (most recent call last):
         ...

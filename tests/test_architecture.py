@@ -173,3 +173,15 @@ def test_moved_names_stay_importable_from_their_old_modules():
         assert hasattr(tuned_lens, name), name
     assert tuned_lens.TunedLens is translators.TunedLens and tuned_lens.resolve_lens is translators.resolve_lens
     assert lens_safety.TunedLens is translators.TunedLens and lens_safety.compare_lenses is tuned_lens.compare_lenses
+
+
+@pytest.mark.parametrize("module", ["judges", "jailbreaks", "prompts", "report", "store", "validation", "stats"])
+def test_light_modules_do_not_import_torch(module):
+    """The judges, prompts and the report's module load without torch (as ``import lens_safety`` promises):
+    a heavy import belongs inside the function that needs it."""
+    import subprocess
+    import sys
+
+    code = f"import sys, lens_safety.{module}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
