@@ -18,10 +18,9 @@ lens_safety.errors.InputError: batch_size must be an integer >= 1, got True.
 from __future__ import annotations
 
 import numbers
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
-
-import sys
 
 import numpy as np
 
