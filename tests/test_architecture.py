@@ -1,5 +1,5 @@
-"""Package architecture: the modules of lens_safety import each other without cycles, and only the
-command line reaches the top floors (report, cli).
+"""Package architecture: the modules of lens_safety import each other without cycles, and one way down
+the floors (core < inputs < model < capture < behaviour < analyses < pipeline < cli).
 
 Every import statement counts, those inside functions too: a function-level import is what lets
 a cycle run (it only postpones the circular import to call time), so it is an edge like any other.
@@ -15,41 +15,74 @@ import pytest
 import lens_safety
 
 PACKAGE = Path(lens_safety.__file__).parent
-TOP_FLOORS = {"report": {"cli"}, "cli": {"__main__"}}  # module -> the only modules allowed to import it
+#: The floors, bottom up. A module may import its own floor (without cycles) and the floors below, never above.
+FLOORS = ("__init__", "core", "inputs", "model", "capture", "behaviour", "analyses", "pipeline", "cli", "__main__")
+
+
+def floor(module: str) -> int:
+    """The floor of a module given by its dotted name inside the package (``analyses.lens.logit`` -> analyses)."""
+    return FLOORS.index(module.split(".")[0])
+
+
+def upward_arrows(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} ({m.split('.')[0]}) imports {d} ({d.split('.')[0]})"
+                  for m, deps in graph.items() for d in deps if floor(d) > floor(m))
+
+
+def _modules(package: Path) -> dict[str, Path]:
+    """``dotted name -> file``: ``core.errors``, ``analyses`` (a subpackage's ``__init__``), ``__init__`` (the root)."""
+    found = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package).with_suffix("").parts)
+        if any(p.startswith(".") or p == "data" for p in parts):
+            continue
+        if parts[-1] == "__init__" and len(parts) > 1:
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
 
 
 def import_graph(package: Path, name: str = "lens_safety") -> dict[str, set[str]]:
-    """``module -> modules of the package it imports`` (flat package; ``__init__`` is the package itself).
+    """``module -> modules of the package it imports``, by dotted name inside the package (``__init__`` is the
+    package itself, a subpackage is its ``__init__``).
 
-    Counts ``import name.x``, ``from name.x import y``, ``from name import x``, ``from .x import y``
-    and ``from . import x``, wherever they are in the file.
+    Counts ``import name.x``, ``from name.x import y``, ``from name import x``, ``from .x import y``,
+    ``from .. import x`` and ``from . import x``, wherever they are in the file.
     """
-    modules = {p.stem for p in package.glob("*.py")}
+    modules = _modules(package)
 
-    def target(dotted: str, names: list[str]) -> set[str]:
-        parts = dotted.split(".") if dotted else []
-        if parts:  # from .x import y / from name.x import y
-            return {parts[0]} if parts[0] in modules else set()
-        found = {n for n in names if n in modules}  # from . import x
-        return found or {"__init__"}  # from . import __version__: the package itself
+    def resolve(dotted: str, names: list[str]) -> set[str]:
+        found = {f"{dotted}.{n}".lstrip(".") for n in names} & set(modules)  # from pkg import module
+        if found:
+            return found
+        while dotted and dotted not in modules:  # from pkg.mod import name (or a name of a re-export)
+            dotted = dotted.rpartition(".")[0]
+        return {dotted or "__init__"}
 
     graph: dict[str, set[str]] = {}
-    for path in sorted(package.glob("*.py")):
+    for module, path in modules.items():
+        is_package = path.name == "__init__.py"
+        here = module.split(".") if module != "__init__" else []
+        base = here if is_package else here[:-1]
         deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
             if isinstance(node, ast.ImportFrom):
-                if node.level == 1:
-                    deps |= target(node.module or "", [a.name for a in node.names])
-                elif node.level == 0 and node.module and (node.module + ".").startswith(name + "."):
-                    deps |= target(node.module[len(name) + 1:], [a.name for a in node.names])
-                elif node.level > 1:
-                    raise AssertionError(f"{path.name}: relative import beyond the package (level {node.level}).")
+                names = [a.name for a in node.names]
+                if node.level:
+                    if node.level - 1 > len(base):
+                        raise AssertionError(f"{path}: relative import beyond the package (level {node.level}).")
+                    root = base[: len(base) - (node.level - 1)]
+                    deps |= resolve(".".join(root + ([node.module] if node.module else [])), names)
+                elif node.module == name:
+                    deps |= resolve("", names)
+                elif node.module and node.module.startswith(name + "."):
+                    deps |= resolve(node.module[len(name) + 1:], names)
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name.startswith(name + "."):
-                        deps |= target(alias.name[len(name) + 1:], [])
-        deps.discard(path.stem)
-        graph[path.stem] = deps
+                        deps |= resolve(alias.name[len(name) + 1:], [])
+        deps.discard(module)
+        graph[module] = deps
     return graph
 
 
@@ -114,26 +147,43 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph(PACKAGE)
-    assert {"models", "directions", "refusal", "judges", "lens", "tuned_lens"} <= set(graph)
-    assert "directions" in graph["cli"] and "report" in graph["cli"]  # the parser sees function-level imports
+    assert {"model.loading", "analyses.directions", "behaviour.refusal", "behaviour.judges", "analyses.lens.logit",
+            "core.errors", "pipeline"} <= set(graph)
+    assert "analyses.directions" in graph["cli"]  # the parser sees function-level imports
     cycles = import_cycles(graph)
     assert not cycles, "Import cycles in lens_safety (move the shared code down a floor):\n" + "\n".join(
         f"{' -> '.join(cycle)}   (all modules on cycles here: {sorted(comp)})" for cycle, comp in cycles)
 
 
-def test_only_the_command_line_imports_the_top_floors():
+def test_every_module_sits_on_a_floor_and_nothing_imports_upward():
     graph = import_graph(PACKAGE)
-    bad = {f"{m} imports {top}" for m, deps in graph.items() for top, allowed in TOP_FLOORS.items()
-           if top in deps and m not in allowed}
-    assert not bad, f"Only {TOP_FLOORS} may import the top floors: {sorted(bad)}"
+    for module in graph:
+        floor(module)  # a new top-level folder must be given its floor in FLOORS
+    upward = upward_arrows(graph)
+    assert not upward, "Imports that run up the floors " + str(FLOORS) + ":\n" + "\n".join(upward)
 
 
 def _package(tmp_path: Path, files: dict[str, str]) -> Path:
     pkg = tmp_path / "lens_safety"
     pkg.mkdir()
     for name, text in {"__init__.py": "", **files}.items():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
         (pkg / name).write_text(text)
     return pkg
+
+
+def test_the_checker_reads_subpackages_and_finds_upward_arrows(tmp_path):
+    pkg = _package(tmp_path, {"core/__init__.py": "", "core/errors.py": "",
+                              "core/store.py": "def f():\n    from ..analyses import x\n",
+                              "analyses/__init__.py": "from .x import run\n",
+                              "analyses/x.py": "from ..core.errors import E\nfrom . import y\n"
+                                               "from .. import __version__\n",
+                              "analyses/y.py": "from ..core import errors\nimport lens_safety.core.store\n"})
+    graph = import_graph(pkg)
+    assert graph["analyses.x"] == {"core.errors", "analyses.y", "__init__"}
+    assert graph["analyses.y"] == {"core.errors", "core.store"} and graph["analyses"] == {"analyses.x"}
+    assert graph["core.store"] == {"analyses.x"}
+    assert upward_arrows(graph) == ["core.store (core) imports analyses.x (analyses)"]
 
 
 @pytest.mark.parametrize("files, expected", [

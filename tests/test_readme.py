@@ -118,16 +118,15 @@ def test_readme_has_python_examples():
 
 def test_readme_python_runs_on_the_tiny_model(tiny, home, monkeypatch):
     """Every ```python block of the README, run in order on the tiny model with offline prompts."""
-    import matplotlib.pyplot as plt
-
     import lens_safety.models
     import lens_safety.patching
     import lens_safety.prompts
     import lens_safety.refusal
+    import matplotlib.pyplot as plt
 
     # Import every module first: a module imported for the first time while the stand-ins are in place would
     # bind them for good (`from .models import load_model`) and hand them to later tests.
-    for name in sorted(ls._SUBMODULES):
+    for name in sorted(ls.MOVED):
         importlib.import_module(f"lens_safety.{name}")
     stand_ins = {"load_model": (lens_safety.models, _bound(lens_safety.models.load_model, lambda *a, **k: tiny)),
                  "load_prompts": (lens_safety.prompts, _bound(lens_safety.prompts.load_prompts, _prompts)),

@@ -8,7 +8,6 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 import torch
-
 from lens_safety.errors import InputError, ModelMismatchError, NonFiniteActivationError
 from lens_safety.validation import check_finite, check_int, check_number, check_same_model
 
@@ -154,8 +153,9 @@ def test_judge_and_config_checks_use_validation():
 
 
 def test_attack_success_of_two_models_is_a_model_mismatch():
-    from lens_safety import refusal as R
     from lens_safety.prompts import Prompt, PromptSet
+
+    from lens_safety import refusal as R
 
     ps = PromptSet([Prompt("How?", "harmful")], "x")
     a = R.RefusalResult(ps, ["No"], np.array([True]), np.array([1.0]), "m1", "a" * 64)
@@ -177,4 +177,4 @@ def test_probe_nonfinite_names_layers():
 def test_validation_is_a_low_module():
     from test_architecture import PACKAGE, import_graph
 
-    assert import_graph(PACKAGE)["validation"] == {"errors"}  # any module can use it without a cycle
+    assert import_graph(PACKAGE)["core.validation"] == {"core.errors"}  # any module can use it without a cycle

@@ -1,162 +1,43 @@
-"""Figures and offline circuitsvis views.
+"""Figures of the analyses (probes, lens, grafting, patching, directions).
 
-Matplotlib helpers return a ``Figure`` (never ``plt.show()``); other modules may reuse
-:func:`line_with_band`, :func:`new_figure` and :data:`CATEGORY_COLORS`.
-
-circuitsvis views are saved as **self-contained offline HTML**: each view's ``local_src``
-inlines the ~1.3 MB JavaScript bundle (``str(view)`` would load it from a CDN and stay blank
-offline), and a ``</div>`` is appended after each view because ``local_src`` starts with a
-self-closing ``<div .../>`` that HTML does not close. Text added around views is escaped.
-
->>> import lens_safety as ls
->>> view = token_scores_view(["I", "'m", " sorry"], [0.1, 0.2, 0.9])
->>> "sorry" in views_html([view])
-True
+The drawing primitives and offline circuitsvis views live in :mod:`lens_safety.core.figures`, the
+behaviour figures in :mod:`lens_safety.behaviour.figures`; both are re-exported here, so
+``lens_safety.viz`` (the old name of this module) keeps every name.
 """
 
 from __future__ import annotations
 
-import functools
-import html
-import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from .errors import InputError
-from .htmlreport import HtmlDocument, OfflineView, circuitsvis_bundle
+from ..behaviour.figures import pair_gap_figure, refusal_score_figure
+from ..core.errors import InputError
+from ..core.figures import (
+    CATEGORY_COLORS,
+    _color,
+    _display,
+    _fonts,
+    _panel_axes,
+    _short,
+    _visible,
+    figure_axes,
+    label_colors,
+    line_with_band,
+    new_figure,
+    save_views,
+    token_scores_view,
+    views_html,
+)
+from ..core.htmlreport import OfflineView
 
-__all__ = ["CATEGORY_COLORS", "new_figure", "figure_axes", "line_with_band", "lens_heatmap", "category_mass_figure",
-           "graft_figure", "lens_kl_figure", "tuned_lens_training_figure", "lens_comparison_figure", "label_colors",
-           "lens_topk_view", "lens_trajectory_view", "token_scores_view", "views_html",
-           "save_views", "probe_figure", "transfer_figure", "claim1_figure", "patch_figure"]
-
-#: Colours of lexicon categories (unknown categories cycle through the tab10 palette).
-CATEGORY_COLORS: dict[str, str] = {"refusal": "#d62728", "positive": "#2ca02c", "neutral": "#d9d9d9"}
-_LIGHT = {"refusal": "#f4a6a6", "positive": "#a8dba8", "neutral": "#f2f2f2"}
-_LABEL_COLORS = {"harmless": "#2ca02c", "harmful": "#d62728", "jailbreak": "#9467bd"}
-
-
-def _color(category: str, light: bool = False) -> str:
-    table = _LIGHT if light else CATEGORY_COLORS
-    if category in table:
-        return table[category]
-    import matplotlib
-
-    palette = matplotlib.colormaps["tab10"].colors
-    return matplotlib.colors.to_hex(palette[sum(map(ord, category)) % len(palette)])
-
-
-_OTHER_COLORS = ("#9467bd", "#1f77b4", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
-
-
-def label_colors(labels: Sequence[str]) -> dict[str, str]:
-    """A distinct colour per label: harmless green, harmful red, others (jailbreaks...) from a palette."""
-    out = {lab: _LABEL_COLORS[lab] for lab in labels if lab in _LABEL_COLORS}
-    free = [c for c in _OTHER_COLORS if c not in out.values()]
-    for lab in labels:
-        if lab not in out:
-            out[lab] = free.pop(0) if free else _OTHER_COLORS[len(out) % len(_OTHER_COLORS)]
-    return out
-
-
-def new_figure(nrows: int = 1, ncols: int = 1, size: tuple[float, float] = (6.0, 4.0), **kwargs):
-    """A new figure and its 2-D array of axes, made through pyplot so that Jupyter shows it (even
-    after a trailing ``;``). Code that saves figures in a loop closes them (``plt.close(fig)``)."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size[0] * ncols, size[1] * nrows), squeeze=False,
-                             layout="constrained", **kwargs)
-    return fig, axes
-
-
-def figure_axes(ax=None, size: tuple[float, float] = (6.0, 4.0)):
-    """The convention of every ``plot``/figure function: draw on ``ax`` when given (return its
-    figure), else on a new figure (:func:`new_figure`). Returns ``(fig, ax)``.
-
-    >>> fig, ax = figure_axes()
-    >>> fig is ax.figure
-    True
-    """
-    if ax is not None:
-        return ax.figure, ax
-    fig, axes = new_figure(size=size)
-    return fig, axes[0, 0]
-
-
-def line_with_band(ax, x, mean, low, high, *, label: str | None = None, color: str | None = None) -> None:
-    """A mean curve with a shaded confidence band."""
-    line, = ax.plot(x, mean, label=label, color=color, marker="o", markersize=3)
-    ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-
-
-# -- lens figures ---------------------------------------------------------------------------------
-
-_CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Micro Hei",
-              "WenQuanYi Zen Hei", "Droid Sans Fallback", "AR PL UMing CN", "SimHei", "Microsoft YaHei")
-
-
-@functools.cache
-def _fonts() -> tuple[tuple[str, ...], frozenset[int]]:
-    """Font families for token text (DejaVu Sans plus any installed CJK font) and the code points
-    they cover; characters outside it are shown as escapes instead of empty boxes."""
-    from matplotlib import font_manager
-    from matplotlib.ft2font import FT2Font
-
-    families, covered = [], set()
-    installed = {f.name: f.fname for f in font_manager.fontManager.ttflist}
-    for name in ("DejaVu Sans",) + _CJK_FONTS:
-        if name in installed:
-            try:
-                covered.update(FT2Font(installed[name]).get_charmap())
-                families.append(name)
-            except Exception:  # an unreadable font file: skip it
-                continue
-    return tuple(families) or ("sans-serif",), frozenset(covered)
-
-
-def _script(c: str) -> str:
-    o = ord(c)
-    if 0x3400 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF:
-        return "zh"
-    if 0x3040 <= o <= 0x30FF:
-        return "ja"
-    if 0xAC00 <= o <= 0xD7AF:
-        return "ko"
-    return f"U+{o:04X}"
-
-
-def _display(piece: str) -> str:
-    """A token piece as cell text. Characters no available font renders become a short tag
-    (``[zh×4]`` for four CJK characters, ``[U+XXXX]`` otherwise) instead of empty boxes;
-    control characters are escaped."""
-    covered = _fonts()[1]
-    out: list[str] = []
-    run: list[str] = []
-
-    def flush() -> None:
-        if run:
-            tag = run[0]
-            out.append(f"[{tag}×{len(run)}]" if tag in ("zh", "ja", "ko") and len(run) > 1 else f"[{tag}]")
-            run.clear()
-
-    for c in piece:
-        if not c.isprintable():
-            flush()
-            out.append(c.encode("unicode_escape").decode())
-        elif covered and ord(c) >= 128 and ord(c) not in covered:
-            tag = _script(c)
-            if run and run[0] != tag:
-                flush()
-            run.append(tag)
-        else:
-            flush()
-            out.append(c)
-    flush()
-    s = "".join(out)
-    return s if s.strip() else repr(piece)
+__all__ = ["CATEGORY_COLORS", "new_figure", "figure_axes", "line_with_band", "lens_heatmap",
+           "category_mass_figure", "graft_figure", "lens_kl_figure", "tuned_lens_training_figure",
+           "lens_comparison_figure", "label_colors", "lens_topk_view", "lens_trajectory_view",
+           "token_scores_view", "views_html", "save_views", "probe_figure", "transfer_figure",
+           "claim1_figure", "patch_figure", "direction_selection_figure", "direction_effects_figure",
+           "coefficient_sweep_figure", "direction_geometry_figure", "refusal_score_figure",
+           "pair_gap_figure"]
 
 
 def lens_heatmap(result, prompt: int | None = None, label: str | None = None, layers: Sequence[int] | None = None,
@@ -215,26 +96,13 @@ def lens_heatmap(result, prompt: int | None = None, label: str | None = None, la
 def _subset(result, rows):
     from dataclasses import replace
 
-    from .prompts import PromptSet
-
     rows = np.asarray(rows)
     return replace(result, top_ids=result.top_ids[rows], top_probs=result.top_probs[rows],
                    tokens=result.tokens[rows], top_categories=result.top_categories[rows],
-                   mass=result.mass[rows], prompts=PromptSet([result.prompts[int(i)] for i in rows],
+                   mass=result.mass[rows], prompts=type(result.prompts)([result.prompts[int(i)] for i in rows],
                                                              result.prompts.name))
 
 
-def _panel_axes(ax, n: int, size: tuple[float, float] = (6.0, 4.0), **kwargs):
-    """``(fig, [ax...])`` for an ``n``-panel figure: new axes, or the caller's ``ax`` (one Axes when
-    ``n == 1``, else a sequence of ``n`` axes)."""
-    if ax is None:
-        fig, axes = new_figure(1, n, size=size, **kwargs)
-        return fig, list(axes[0])
-    axs = [ax] if hasattr(ax, "plot") else list(np.ravel(ax))
-    if len(axs) != n:
-        raise InputError(f"This figure has {n} panels; pass ax= as a sequence of {n} axes (got {len(axs)}), "
-                         "or leave ax=None for a new figure.")
-    return axs[0].figure, axs
 
 
 def category_mass_figure(result, categories: Sequence[str] | None = None, labels: Sequence[str] | None = None,
@@ -302,7 +170,7 @@ _LENS_COLORS = {"logit": "#7f7f7f", "tuned": "#1f77b4"}
 
 def lens_kl_figure(frame, ax=None, log: bool = True):
     """KL(final || layer readout) per layer with its CI band, one curve per lens (the frame of
-    :func:`lens_safety.tuned_lens.lens_kl`, or several concatenated). The last layer (KL 0) is
+    :func:`lens_safety.analyses.lens.tuned.lens_kl`, or several concatenated). The last layer (KL 0) is
     not drawn on the log scale."""
     need = {"layer", "kl", "ci_low", "ci_high"}
     if not need <= set(frame.columns):
@@ -383,11 +251,11 @@ def _probe_items(result, others, label):
 
 def probe_figure(result, ax=None, others=(), relative_depth: bool = False, label: str | None = None,
                  controls: bool = True):
-    """Probe accuracy per layer (a :class:`~lens_safety.probes.ProbeResult`) with 95% CI bands, the
+    """Probe accuracy per layer (a :class:`~lens_safety.analyses.probes.ProbeResult`) with 95% CI bands, the
     shuffled-label and length-only controls, and ``others`` overlaid. Returns the Figure.
 
     >>> import numpy as np
-    >>> from lens_safety.probes import ProbeResult
+    >>> from lens_safety.analyses.probes import ProbeResult
     >>> acc = np.array([0.5, 0.9, 1.0])
     >>> r = ProbeResult([0, 1, 2], {"accuracy": acc, "ci_low": acc - .05, "ci_high": acc}, ["a", "b"],
     ...                 "svm", "a-vs-b", 100, 5, 0, 2, 0.5)
@@ -418,7 +286,7 @@ def probe_figure(result, ax=None, others=(), relative_depth: bool = False, label
 
 def transfer_figure(result, ax=None, relative_depth: bool = False, label: str | None = None):
     """Fraction of test prompts classified ``positive`` per layer (a
-    :class:`~lens_safety.probes.TransferResult`) with its 95% CI band. Returns the Figure."""
+    :class:`~lens_safety.analyses.probes.TransferResult`) with its 95% CI band. Returns the Figure."""
     fig, ax = figure_axes(ax, (7.0, 4.0))
     x = np.asarray(result.layers, dtype=float) / (result.n_layers if relative_depth else 1)
     name = label or f"{result.test_name}: classified {result.positive}"
@@ -434,7 +302,7 @@ def transfer_figure(result, ax=None, relative_depth: bool = False, label: str | 
 
 
 def claim1_figure(verdicts, ax=None):
-    """Claim 1 side by side: each :class:`~lens_safety.probes.Claim1Verdict`'s accuracy curve with
+    """Claim 1 side by side: each :class:`~lens_safety.analyses.probes.Claim1Verdict`'s accuracy curve with
     its CI band, the threshold, and the early layers shaded; the verdict in the legend. Returns the Figure."""
     from collections.abc import Mapping as _Mapping
 
@@ -483,7 +351,7 @@ def patch_figure(result, ax=None, *, n_boot: int = 1000, seed: int = 0, normaliz
         fig, (ax1, ax) = plt.subplots(
             2, 1, figsize=(max(6.0, 0.38 * result.n_layers + 2), 2.4 + 0.5 * len(rows) + 3),
             gridspec_kw={"height_ratios": [0.5 * len(rows) + 0.6, 3]}, layout="constrained")
-        from .stats import nanmean
+        from ..core.stats import nanmean
 
         mat = np.array([nanmean(result.recovery_matrix(c, d, norm), 0) for c, d in rows])
         lim = max(1.0, float(np.nanmax(np.abs(mat))) if np.isfinite(mat).any() else 1.0)
@@ -510,18 +378,6 @@ def patch_figure(result, ax=None, *, n_boot: int = 1000, seed: int = 0, normaliz
     ax.legend(fontsize=7)
     return fig
 
-
-# -- circuitsvis views --------------------------------------------------------------------------
-
-def _visible(piece: str) -> str:
-    """Control characters escaped (a newline token would otherwise break the view's layout)."""
-    s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(piece))
-    return s if s.strip() else repr(str(piece))
-
-
-def _short(text: str, n: int = 80) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def lens_topk_view(result, prompts: Sequence[int] = (0,)):
@@ -572,56 +428,6 @@ def lens_trajectory_view(result, prompt: int = 0, refusal: str = "refusal", over
                              negative_color="#2ca02c", positive_color="#d62728")
 
 
-def token_scores_view(tokens: Sequence[str], values: Sequence[float] | np.ndarray, *,
-                      min_value: float | None = None, max_value: float | None = None,
-                      negative_color: str | None = None, positive_color: str | None = None):
-    """circuitsvis ``colored_tokens`` for per-token scores (probe scores, lens scores...)."""
-    from circuitsvis.tokens import colored_tokens
-
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
-    if len(tokens) != values.size:
-        raise InputError(f"{len(tokens)} tokens but {values.size} values: give one value per token.")
-    kwargs: dict[str, Any] = {}
-    for name, v in (("min_value", min_value), ("max_value", max_value), ("negative_color", negative_color),
-                    ("positive_color", positive_color)):
-        if v is not None:
-            kwargs[name] = v
-    return OfflineView.from_function(colored_tokens, [str(t) for t in tokens], values.tolist(), **kwargs)
-
-
-def views_html(views: Sequence[OfflineView], captions: Sequence[str] | None = None, title: str | None = None) -> str:
-    """An HTML fragment holding the views offline: the circuitsvis bundle inlined once, props
-    embedded as script-safe JSON, captions and title escaped."""
-    views = _check_views(views, captions)
-    parts = [f"<h2>{html.escape(title)}</h2>"] if title else []
-    parts.append(f"<script>{circuitsvis_bundle()}</script>")
-    for i, v in enumerate(views):
-        cap = captions[i] if captions is not None else v.caption
-        parts.append(OfflineView(v.element, v.props, cap).html(include_bundle=False))
-    return "\n".join(parts)
-
-
-def _check_views(views: Sequence[Any], captions: Sequence[str] | None) -> list[OfflineView]:
-    views = list(views)
-    if captions is not None and len(captions) != len(views):
-        raise InputError(f"{len(captions)} captions for {len(views)} views.")
-    for i, v in enumerate(views):
-        if not isinstance(v, OfflineView):
-            raise InputError(f"View {i} is a {type(v).__name__}, not a view from lens_safety.viz "
-                             "(wrap circuitsvis functions with OfflineView.from_function).")
-    return views
-
-
-def save_views(views: Sequence[OfflineView], path: str | os.PathLike, title: str = "lens_safety views",
-               captions: Sequence[str] | None = None) -> Path:
-    """Write one self-contained HTML page (works offline) atomically; returns its path."""
-    doc = HtmlDocument(title)
-    for i, v in enumerate(_check_views(views, captions)):
-        doc.view(v, captions[i] if captions is not None else None)
-    return doc.save(path)
-
-
-# -- directions figures ---------------------------------------------------------------------------
 
 def direction_selection_figure(selection, ax=None):
     """Heatmaps (template position x layer) of the refusal-direction candidates' validation scores:
@@ -732,54 +538,3 @@ def direction_geometry_figure(geometry, ax=None):
 
 # -- judge figures --------------------------------------------------------------------------------
 
-def refusal_score_figure(result, ax=None, bins: int = 30):
-    """Histogram of first-token refusal scores per group (jailbreak method, else label) of a
-    :class:`~lens_safety.refusal.RefusalResult`; the dashed line is the greedy decision (0)."""
-    import numpy as np
-
-    fig, ax = figure_axes(ax, size=(6.0, 3.5))
-    groups: dict[str, list[float]] = {}
-    for p, s in zip(result.prompts, result.score):
-        groups.setdefault(p.method or p.label, []).append(float(s))
-    lo, hi = (float(np.min(result.score)), float(np.max(result.score))) if len(result) else (-1.0, 1.0)
-    edges = np.linspace(lo - 1e-6, hi + 1e-6, bins + 1)
-    for name, vals in groups.items():
-        ax.hist(vals, bins=edges, alpha=0.5, label=f"{name} (n={len(vals)})")
-    ax.axvline(0.0, color="k", lw=0.8, ls="--")
-    ax.set_xlabel("first-token refusal score (> 0: greedy reply starts a refusal)")
-    ax.set_ylabel("prompts")
-    ax.set_title(f"Refusal score, {result.model_name} (refused {result.refusal_rate:.2f})")
-    if groups:
-        ax.legend(fontsize=8)
-    return fig
-
-
-def pair_gap_figure(pairs, ax=None):
-    """Score gap (plain - jailbroken, logits) of every candidate pair of a
-    :class:`~lens_safety.refusal.PairSet`, per method: kept pairs, and dropped ones by reason;
-    the dotted line is ``min_gap``."""
-    import numpy as np
-
-    fig, ax = figure_axes(ax, size=(6.5, 3.8))
-    methods = sorted(set(pairs.methods) | set(pairs.dropped["method"]))
-    ypos = {m: i for i, m in enumerate(methods)}
-    rng = np.random.default_rng(0)
-    kept = pairs.to_frame()
-    styles = {"kept": ("#2ca02c", "o"), "gap below min_gap": ("#d62728", "x"), "unengaged": ("#ff7f0e", "s"),
-              "refused": ("#7f7f7f", ".")}
-    parts = [("kept", kept)] + [(r, pairs.dropped[pairs.dropped["reason"] == r]) for r in styles if r != "kept"]
-    for name, frame in parts:
-        if not len(frame):
-            continue
-        color, marker = styles[name]
-        y = np.array([ypos[m] for m in frame["method"]]) + rng.uniform(-0.2, 0.2, len(frame))
-        ax.scatter(frame["gap"], y, color=color, marker=marker, label=f"{name} ({len(frame)})", alpha=0.8)
-    if "min_gap" in pairs.config:
-        ax.axvline(pairs.config["min_gap"], color="k", ls=":", lw=1)
-    ax.axvline(0.0, color="k", lw=0.6)
-    ax.set_yticks(range(len(methods)), methods)
-    ax.set_xlabel("score gap plain - jailbroken (logits)")
-    ax.set_title(f"Jailbreak pairs, {pairs.model_name}: {len(pairs)} kept, {len(pairs.dropped)} dropped")
-    if methods:
-        ax.legend(fontsize=8)
-    return fig

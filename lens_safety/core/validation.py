@@ -1,6 +1,6 @@
 """Argument checks shared by the whole package (in the spirit of ``sklearn.utils.validation``).
 
-A low module: it imports only :mod:`lens_safety.errors`, numpy and the standard library (never
+A low module: it imports only :mod:`lens_safety.core.errors`, numpy and the standard library (never
 torch: the judges and prompt modules that use it stay light), so every other module can use it. Each
 check raises the project's error class with a message that
 names the argument, what was expected, what was found and, where given, what it means.
@@ -10,7 +10,7 @@ names the argument, what was expected, what was found and, where given, what it 
 >>> check_int(True, "batch_size", low=1)
 Traceback (most recent call last):
     ...
-lens_safety.errors.InputError: batch_size must be an integer >= 1, got True.
+lens_safety.core.errors.InputError: batch_size must be an integer >= 1, got True.
 >>> check_number(0.5, "threshold", low=0, high=1, inclusive=(False, False))
 0.5
 """
@@ -69,7 +69,7 @@ def check_int(value: Any, name: str, *, low: int | None = None, high: int | None
     >>> check_int(9, "top_k", low=1, high=5, hint="the vocabulary size")
     Traceback (most recent call last):
         ...
-    lens_safety.errors.InputError: top_k must be an integer in 1..5 (the vocabulary size), got 9.
+    lens_safety.core.errors.InputError: top_k must be an integer in 1..5 (the vocabulary size), got 9.
     """
     if value is None and allow_none:
         return None
@@ -92,7 +92,7 @@ def check_number(value: Any, name: str, *, low: float | None = None, high: float
     >>> check_number(float("nan"), "coeff")
     Traceback (most recent call last):
         ...
-    lens_safety.errors.InputError: coeff must be a finite number, got nan.
+    lens_safety.core.errors.InputError: coeff must be a finite number, got nan.
     """
     if value is None and allow_none:
         return None
@@ -133,7 +133,7 @@ def _first_bad(x: Any) -> tuple[int, tuple[int, ...]] | None:
 
 def check_finite(x: Any, what: str, *, hint: str = DEFAULT_NONFINITE_HINT,
                  where: Callable[[list[tuple]], str] | None = None) -> None:
-    """Raise :class:`~lens_safety.errors.NonFiniteActivationError` if ``x`` holds NaN or inf.
+    """Raise :class:`~lens_safety.core.errors.NonFiniteActivationError` if ``x`` holds NaN or inf.
 
     ``x``: a tensor or an array, or a mapping ``label -> tensor/array`` (each is checked; the
     message then names every bad label). ``what`` names the values ("The donor state at layer 3").
@@ -145,13 +145,13 @@ def check_finite(x: Any, what: str, *, hint: str = DEFAULT_NONFINITE_HINT,
     >>> check_finite(torch.tensor([[1.0, float("nan")]]), "The scores", hint="Recompute them.")
     Traceback (most recent call last):
         ...
-    lens_safety.errors.NonFiniteActivationError: The scores: 1 NaN/inf value(s), the first at index (0, 1). \
+    lens_safety.core.errors.NonFiniteActivationError: The scores: 1 NaN/inf value(s), the first at index (0, 1). \
 Recompute them.
     >>> check_finite({3: np.ones(2), 5: np.array([np.inf])}, "The activations", hint="",
     ...              where=lambda bad: f"at layer(s) {[b[0] for b in bad]}")
     Traceback (most recent call last):
         ...
-    lens_safety.errors.NonFiniteActivationError: The activations: 1 NaN/inf value(s), at layer(s) [5].
+    lens_safety.core.errors.NonFiniteActivationError: The activations: 1 NaN/inf value(s), at layer(s) [5].
     """
     items = x.items() if isinstance(x, Mapping) else [(None, x)]
     n, bad = 0, []
@@ -173,7 +173,7 @@ def _hash_and_name(x: Any) -> tuple[str, str]:
 
 
 def check_same_model(a: Any, b: Any, what: str, *, fix: str = "Recompute one of them with the other's model.") -> None:
-    """Raise :class:`~lens_safety.errors.ModelMismatchError` if ``a`` and ``b`` come from different model weights.
+    """Raise :class:`~lens_safety.core.errors.ModelMismatchError` if ``a`` and ``b`` come from different model weights.
 
     ``a`` and ``b``: anything with ``weights_hash`` and ``model_name`` (results, residuals, pairs)
     or ``name`` (a model). An empty or missing ``weights_hash`` (unknown origin) passes. ``what``
@@ -184,7 +184,7 @@ def check_same_model(a: Any, b: Any, what: str, *, fix: str = "Recompute one of 
     ...                  "Cannot compare results")
     Traceback (most recent call last):
         ...
-    lens_safety.errors.ModelMismatchError: Cannot compare results: they come from different models, m1 (weights \
+    lens_safety.core.errors.ModelMismatchError: Cannot compare results: they come from different models, m1 (weights \
 aaaaaaaaaaaa) and m2 (weights bbbbbbbbbbbb). Recompute one of them with the other's model.
     """
     (ha, na), (hb, nb) = _hash_and_name(a), _hash_and_name(b)

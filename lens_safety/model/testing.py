@@ -7,7 +7,7 @@ own ``output_hidden_states``), ``TransformerBridge.boot_native`` (``kind="native
 GPT-2 with learned absolute position embeddings (``kind="gpt2"``: left padding shifts its results
 unless position ids are passed).
 
->>> from lens_safety.testing import tiny_model
+>>> from lens_safety.model.testing import tiny_model
 >>> m = tiny_model()
 >>> m.n_layers, m.d_model
 (3, 64)
@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from .models import SafetyModel, weights_fingerprint
+from .loading import SafetyModel, weights_fingerprint
 
 __all__ = ["tiny_tokenizer", "tiny_model", "tiny_hf_model"]
 
@@ -101,7 +101,7 @@ def tiny_model(kind: str = "hf", seed: int = 0, n_layers: int = 3, d_model: int 
 
     tok = tiny_tokenizer(vocab_size)
     if kind in ("hf", "gpt2"):
-        from .models import _guard_logits, check_model
+        from .loading import _guard_logits, check_model
 
         hf = tiny_hf_model(seed, n_layers, d_model, vocab_size) if kind == "hf" else \
             _tiny_gpt2_hf(seed, n_layers, d_model, vocab_size)

@@ -11,7 +11,7 @@ modules, so an interrupted run resumes where it stopped.
 'not reproduced'
 
 ``render_report(OUT)`` re-renders the HTML from the cached stages without the model;
-``python -m lens_safety.report readme OUT/metrics.json README.md`` writes the README's
+``python -m lens_safety.pipeline.report readme OUT/metrics.json README.md`` writes the README's
 measured table (:func:`readme_table`) between its ``<!-- metrics:begin/end -->`` markers.
 """
 
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CacheError, InputError
-from .judges import JUDGE_NAMES
-from .store import sha256_json
-from .validation import check_int
+from ..behaviour.judges import JUDGE_NAMES
+from ..core.errors import CacheError, InputError
+from ..core.store import sha256_json
+from ..core.validation import check_int
 
 __all__ = ["RunResult", "run_pipeline", "DEFAULT_JAILBREAKS"]
 
@@ -72,13 +72,13 @@ class StageOutput:
         self.figures[name] = buf.getvalue()
 
     def add_view(self, view, caption: str = "") -> None:
-        """Keep a :class:`~lens_safety.htmlreport.OfflineView` (as element + props) for the report."""
+        """Keep a :class:`~lens_safety.core.htmlreport.OfflineView` (as element + props) for the report."""
         self.views.append({"element": view.element, "props": _jsonable(view.props), "caption": caption})
 
     # persistence: one artifact folder per stage (store.py): meta.json (checksummed) + CSV and PNG files
     # whose sha256 is recorded in the meta, so any edited, truncated or missing file is caught.
     def save(self, folder: Path, key: str) -> None:
-        from . import store
+        from ..core import store
 
         with store.atomic_dir(folder) as tmp:
             (tmp / "tables").mkdir()
@@ -97,12 +97,12 @@ class StageOutput:
 
     @classmethod
     def load(cls, folder: Path, key: str | None) -> StageOutput:
-        """Read and verify a stage folder; :class:`~lens_safety.errors.CacheError` when it is missing,
+        """Read and verify a stage folder; :class:`~lens_safety.core.errors.CacheError` when it is missing,
         of another schema or key (``key=None`` accepts any), edited or incomplete."""
         import pandas as pd
 
-        from . import store
-        from .errors import CacheError
+        from ..core import store
+        from ..core.errors import CacheError
 
         _, meta = store.read_artifact(folder, kind=STAGE_KIND, schema_version=STAGE_SCHEMA)
         if key is not None and meta.get("key") != key:
@@ -124,7 +124,7 @@ class StageOutput:
 
 
 def _jsonable(v: Any) -> Any:
-    from .store import jsonable
+    from ..core.store import jsonable
 
     if hasattr(v, "detach"):  # a torch tensor
         return _jsonable(v.detach().cpu().tolist())
@@ -271,7 +271,7 @@ def _config(quick: bool, n: int | None, jailbreaks, batch_size: int, seed: int, 
 
 
 def _base_config(quick: bool, n: int | None, jailbreaks, batch_size: int, seed: int) -> _Config:
-    from .jailbreaks import jailbreak_methods
+    from ..inputs.jailbreaks import jailbreak_methods
 
     known = [m.name for m in jailbreak_methods()]
     chosen = tuple(jailbreaks) if jailbreaks else DEFAULT_JAILBREAKS
@@ -301,7 +301,7 @@ FULL_RUN_MAX_NEW_TOKENS = 48  # reply length a full run generates and judges (--
 
 
 def _sets(cfg: _Config):
-    from .prompts import load_prompts
+    from ..inputs.prompts import load_prompts
 
     sets = {name: load_prompts(name) for name in ("harmbench", "harmless", "borderline", "generic")}
     if cfg.n is not None:
@@ -319,13 +319,13 @@ def run_pipeline(model: Any = None, out: str | os.PathLike = "lens_safety_out", 
                  tuned_lens: bool = False, directions: bool = False) -> RunResult:
     """Run the whole study on one model and write ``report.html``, ``metrics.json``, CSVs and PNGs.
 
-    ``model`` is a :class:`~lens_safety.models.SafetyModel` or a name for
-    :func:`~lens_safety.models.load_model` (default: the embedded Qwen2.5-Coder-0.5B-Instruct).
+    ``model`` is a :class:`~lens_safety.model.loading.SafetyModel` or a name for
+    :func:`~lens_safety.model.loading.load_model` (default: the embedded Qwen2.5-Coder-0.5B-Instruct).
     ``quick`` uses small subsets (a few minutes on 2 cores); ``n`` caps every prompt set.
     Base models (no chat alignment) run the probe and lens stages on raw prompts and skip
     the stages that need refusal behaviour, with a note. ``load_kwargs`` go to
-    :func:`~lens_safety.models.load_model` when ``model`` is a name (``dtype``, ``device_map``...).
-    ``judge`` decides refusal (``"rules"``, ``"substring"`` or ``"model"``, see :mod:`lens_safety.judges`);
+    :func:`~lens_safety.model.loading.load_model` when ``model`` is a name (``dtype``, ``device_map``...).
+    ``judge`` decides refusal (``"rules"``, ``"substring"`` or ``"model"``, see :mod:`lens_safety.behaviour.judges`);
     the report compares all three on the same replies. ``tuned_lens`` trains (or loads a cached)
     tuned lens and shows it next to the logit lens; ``directions`` adds the refusal-direction
     stage (selection, ablation, addition). Both are off by default: each adds minutes on a CPU.
@@ -333,7 +333,7 @@ def run_pipeline(model: Any = None, out: str | os.PathLike = "lens_safety_out", 
     ``metrics.json`` holds the headline numbers, every stage's metrics, and ``verdicts``: each
     paper claim checked against the run (:func:`verdict_claim1` ...).
     """
-    from .models import SafetyModel, load_model
+    from ..model.loading import SafetyModel, load_model
 
     t0 = time.perf_counter()
     out_dir = _check_out(out)
@@ -367,7 +367,7 @@ def _judge_identities(model) -> dict[str, str | None]:
     and parameters), for the keys of the stages that judge; ``None`` for one that cannot be built here."""
     import warnings
 
-    from .judges import judge_identity
+    from ..behaviour.judges import judge_identity
 
     out: dict[str, str | None] = {}
     for name in JUDGES:
@@ -408,33 +408,33 @@ class _Context:
                 if k in ("harmbench", "harmless", "borderline")}
 
     def judge(self):
-        from .judges import as_judge
+        from ..behaviour.judges import as_judge
 
         return as_judge(self.cfg.judge, self.model)
 
     def jailbroken(self):
-        from .jailbreaks import jailbreak
-        from .prompts import PromptSet
+        from ..inputs.jailbreaks import jailbreak
+        from ..inputs.prompts import PromptSet
 
         harmful = self.eval_sets()["harmbench"]
         parts = [jailbreak(harmful, m, seed=self.cfg.seed) for m in self.cfg.jailbreaks]
         return PromptSet([p for part in parts for p in part], name="jailbreak")
 
     def refusal(self, prompts):
-        from .refusal import evaluate_refusal
+        from ..behaviour.refusal import evaluate_refusal
 
         return evaluate_refusal(self.model, prompts, max_new_tokens=self.cfg.max_new_tokens,
                                 batch_size=self.cfg.batch_size, progress=self.progress, judge=self.judge())
 
     def residuals(self, name: str):
-        from .activations import collect_residuals
+        from ..capture import collect_residuals
 
         prompts = self.jailbroken() if name == "jailbreak" else self.sets[name]
         bs = max(1, self.cfg.batch_size // 2) if name == "jailbreak" else self.cfg.batch_size
         return collect_residuals(self.model, prompts, batch_size=bs, progress=self.progress)
 
     def pairs(self):
-        from .refusal import jailbreak_pairs
+        from ..behaviour.refusal import jailbreak_pairs
 
         return jailbreak_pairs(self.model, self.eval_sets()["harmbench"], methods=self.cfg.jailbreaks,
                                max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.batch_size,
@@ -444,8 +444,8 @@ class _Context:
     def stage_prompts(self) -> StageOutput:
         import pandas as pd
 
-        from .jailbreaks import jailbreak_methods
-        from .prompts import length_report
+        from ..inputs.jailbreaks import jailbreak_methods
+        from ..inputs.prompts import length_report
 
         o = StageOutput()
         rows = []
@@ -504,8 +504,8 @@ class _Context:
         import pandas as pd
         from sklearn.metrics import cohen_kappa_score
 
-        from .judges import as_judge
-        from .stats import wilson_interval
+        from ..behaviour.judges import as_judge
+        from ..core.stats import wilson_interval
 
         verdicts = {}
         # The generative model judge costs a forward per reply: compared only when the run uses it.
@@ -573,8 +573,8 @@ class _Context:
     def stage_probes(self) -> StageOutput:
         import matplotlib.pyplot as plt
 
-        from .activations import Residuals
-        from .probes import probe_layers, probe_transfer
+        from ..analyses.probes import probe_layers, probe_transfer
+        from ..capture import Residuals
 
         o = StageOutput()
         harmless, harmful, jb = (self.residuals(k) for k in ("harmless", "harmbench", "jailbreak"))
@@ -591,7 +591,7 @@ class _Context:
                           task="2-way (generic harmless)")
         o.tables["probes_2way_generic"] = pg.to_frame()
         try:
-            from .probes import claim1_verdict
+            from ..analyses.probes import claim1_verdict
 
             v1, v2 = (claim1_verdict(p, name=HARMLESS_SETS[k]) for p, k in ((p2, "harmless"), (pg, "generic")))
             o.add_figure("probes_claim1", v1.plot(others=[v2]))
@@ -622,9 +622,9 @@ class _Context:
     def stage_lens(self) -> StageOutput:
         from tqdm.auto import tqdm
 
-        from .activations import Residuals
-        from .lens import logit_lens
-        from .viz import category_mass_figure, lens_heatmap, lens_topk_view, lens_trajectory_view
+        from ..analyses.figures import category_mass_figure, lens_heatmap, lens_topk_view, lens_trajectory_view
+        from ..analyses.lens.logit import logit_lens
+        from ..capture import Residuals
 
         o = StageOutput()
         acts = Residuals.concat([self.residuals(k) for k in ("harmless", "harmbench", "jailbreak")])
@@ -658,9 +658,15 @@ class _Context:
         ``tuned_lens``) the tuned lens, whose refusal emergence is reported beside the logit lens's."""
         import pandas as pd
 
-        from .activations import collect_residuals
-        from .tuned_lens import check_held_out, default_training_prompts, held_out_prompts, lens_kl, train_tuned_lens
-        from .viz import lens_kl_figure
+        from ..analyses.figures import lens_kl_figure
+        from ..analyses.lens.tuned import (
+            check_held_out,
+            default_training_prompts,
+            held_out_prompts,
+            lens_kl,
+            train_tuned_lens,
+        )
+        from ..capture import collect_residuals
 
         n = 8 if self.cfg.quick else 16  # per class (harmful, harmless): 2n held-out prompts
         # held-out prompts come from splits the training prompts never draw from, whatever --seed is
@@ -669,7 +675,7 @@ class _Context:
         held = collect_residuals(self.model, held_ps, batch_size=self.cfg.batch_size, progress=self.progress)
         frames = [lens_kl(self.model, held)]
         if self.cfg.tuned_lens:
-            from .lens import logit_lens
+            from ..analyses.lens.logit import logit_lens
 
             tuned = train_tuned_lens(self.model, train, progress=self.progress)
             frames.append(lens_kl(self.model, held, lens=tuned))
@@ -686,7 +692,7 @@ class _Context:
     def stage_graft(self) -> StageOutput:
         import numpy as np
 
-        from .lens import graft
+        from ..analyses.lens.logit import graft
 
         o = StageOutput()
         if not self.aligned:
@@ -721,7 +727,7 @@ class _Context:
     def stage_patching(self) -> StageOutput:
         import pandas as pd
 
-        from .patching import patch_layers
+        from ..analyses.patching import patch_layers
 
         o = StageOutput()
         if not self.aligned:
@@ -751,7 +757,7 @@ class _Context:
 
     def stage_directions(self) -> StageOutput:
         """The refusal direction (difference of means, selected on validation prompts): ablating it,
-        adding it, and where it sits relative to the break band (``lens_safety.directions``)."""
+        adding it, and where it sits relative to the break band (``lens_safety.analyses.directions``)."""
         o = StageOutput()
         if not self.cfg.directions:
             o.skipped = ("The refusal-direction stage was not run (it adds several minutes on a CPU); "
@@ -760,14 +766,14 @@ class _Context:
         if not self.aligned:
             o.skipped = "The refusal direction is selected from refusal behaviour, which a base model lacks."
             return o
-        from .directions import directions_stage
+        from ..analyses.directions import directions_stage
 
         band = None
         breaks = (self.runner.outputs.get("patching") or StageOutput()).metrics.get("break_layers") or {}
         ends = [v for k, v in breaks.items() if k.startswith("resid_pre/") and v is not None]
         if ends:
             band = (min(ends), max(ends))
-        from .prompts import load_prompts
+        from ..inputs.prompts import load_prompts
 
         sets = {k: load_prompts(k) for k in ("harmbench", "harmless", "borderline")}  # splits need the full sets
         try:
@@ -786,8 +792,8 @@ class _Context:
     def _direction_probes(self):
         """Linear (SVM) probes harmbench vs harmless, refit on all prompts: their normals are compared
         with the refusal direction layer by layer (the geometry figure)."""
-        from .activations import Residuals
-        from .probes import probe_layers
+        from ..analyses.probes import probe_layers
+        from ..capture import Residuals
 
         two = Residuals.concat([self.residuals("harmless"), self.residuals("harmbench")])
         return probe_layers(two, classifier="svm", cv=3, seed=self.cfg.seed, controls=False, progress=False,
@@ -867,8 +873,8 @@ def verdict_claim1(probes, *, threshold: float = 0.95, early_fraction: float = 0
     1..max(2, ceil(``early_fraction`` x n_layers)), ``n_layers`` the model's (from the table's
     ``relative_depth``; without it, the last layer in the table). Reproduced: the accuracy reaches
     the threshold there. Partly: it reaches it only later, or never but a 95% CI includes it.
-    Otherwise not reproduced. The rule is :func:`lens_safety.probes.claim1_rule`, as for
-    :func:`lens_safety.probes.claim1_verdict`.
+    Otherwise not reproduced. The rule is :func:`lens_safety.analyses.probes.claim1_rule`, as for
+    :func:`lens_safety.analyses.probes.claim1_verdict`.
 
     >>> import pandas as pd
     >>> t = pd.DataFrame({"layer": [0, 1, 2, 3, 4, 5, 6, 7, 8], "accuracy": [.5, .8, .9, .93, .96, .97, .97, .97, .97],
@@ -880,7 +886,7 @@ def verdict_claim1(probes, *, threshold: float = 0.95, early_fraction: float = 0
     >>> verdict_claim1(t.assign(relative_depth=t["layer"] / 24)).status  # 9 of 24 layers probed: early = 6
     'reproduced'
     """
-    from .probes import LayerAccuracy, claim1_early, claim1_rule
+    from ..analyses.probes import LayerAccuracy, claim1_early, claim1_rule
 
     if probes is None or len(probes) == 0:
         return Verdict("claim 1", NOT_MEASURED, "no probe table")
@@ -1026,7 +1032,7 @@ def verdict_claim3(breaks, n_layers: int | None = None, *, component: str = "res
 def _rate_with_ci(m: dict[str, Any], key: str, n_key: str) -> tuple[float, float, float, int | None]:
     """``(rate, ci_low, ci_high, n)`` of a stage rate: its ``<key>_ci`` metric, else the Wilson 95% CI
     from the rate and ``n`` (NaN bounds when neither is there: then no CI can support a target)."""
-    from .stats import wilson_interval
+    from ..core.stats import wilson_interval
 
     rate, n, ci = float(m[key]), m.get(n_key), m.get(f"{key}_ci")
     n = None if _is_missing(n) else int(n)
@@ -1210,13 +1216,13 @@ def _headline(model_name: str, n_layers: int | None, cfg: _Config, outputs: dict
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
 
 def _write_outputs(out: Path, model_name: str, cfg: _Config, outputs: dict[str, StageOutput], metrics: dict) -> None:
-    from .store import write_json_atomic
+    from ..core.store import write_json_atomic
 
     (out / "tables").mkdir(exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
@@ -1234,13 +1240,13 @@ STAGES = ("prompts", "refusal", "pairs", "capture", "probes", "lens", "graft", "
 
 def render_report(out: str | os.PathLike = "lens_safety_out") -> Path:
     """Re-render ``OUT/report.html`` (and ``metrics.json``'s verdicts) from a finished run's cached
-    stages, without loading the model. Raises :class:`~lens_safety.errors.CacheError` when the
+    stages, without loading the model. Raises :class:`~lens_safety.core.errors.CacheError` when the
     folder holds no finished run or a stage was changed since.
 
     >>> render_report("lens_safety_out")  # doctest: +SKIP
     PosixPath('lens_safety_out/report.html')
     """
-    from .store import read_json
+    from ..core.store import read_json
 
     out = Path(out)
     metrics = read_json(out / "metrics.json", what="lens-safety run's metrics.json")
@@ -1278,7 +1284,7 @@ def _verdict_text(v: dict[str, Any]) -> str:
 
 
 def _build_html(model_name: str, cfg: _Config, outputs: dict[str, StageOutput], metrics: dict):
-    from .htmlreport import HtmlDocument, OfflineView
+    from ..core.htmlreport import HtmlDocument, OfflineView
 
     h = metrics["headline"]
     vd = metrics["verdicts"]
@@ -1608,7 +1614,7 @@ def update_readme(metrics_path: str | os.PathLike, readme_path: str | os.PathLik
     """Replace the block between ``<!-- metrics:begin -->`` and ``<!-- metrics:end -->`` in the
     README by :func:`readme_table` of ``metrics_path``. Returns True when the README changed
     (with ``check=True`` nothing is written)."""
-    from .store import read_json
+    from ..core.store import read_json
 
     text = Path(readme_path).read_text(encoding="utf-8")
     if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
@@ -1625,7 +1631,7 @@ def update_readme(metrics_path: str | os.PathLike, readme_path: str | os.PathLik
 def _main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m lens_safety.report",
+    p = argparse.ArgumentParser(prog="python -m lens_safety.pipeline.report",
                                 description="Re-render a run's report, or the README's measured table.")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("readme", help="write metrics.json's table into README.md between the metrics markers")

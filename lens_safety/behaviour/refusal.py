@@ -7,7 +7,7 @@ Two measures of refusal, computed on the same prompts:
   "As an AI", ...) rather than anything else; by default the greedy logit margin, so
   ``> 0`` exactly when greedy decoding starts a refusal (see :class:`RefusalTokens`).
   One forward, differentiable, no generation.
-* a judge (:mod:`lens_safety.judges`; :func:`default_judge`) on greedy completions from
+* a judge (:mod:`lens_safety.behaviour.judges`; :func:`default_judge`) on greedy completions from
   :func:`generate` -- each reply is ``"refused"``, ``"complied"`` or ``"unengaged"``
   (empty, an acknowledgement only, or unrelated to the request).
 
@@ -17,7 +17,7 @@ jailbroken result into the attack success rate per jailbreak family; and
 :func:`jailbreak_pairs` returns the *effective* pairs (plain refused, wrapped complied, score
 gap at least ``min_gap``) that activation patching needs, and the dropped candidates.
 
->>> from lens_safety.testing import tiny_model
+>>> from lens_safety.model.testing import tiny_model
 >>> res = evaluate_refusal(tiny_model(), ["Hi there", "Bake bread"], max_new_tokens=4, cache=False,
 ...                        progress=False)
 >>> len(res.completions), res.score.shape
@@ -42,13 +42,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import assets, parallel
-from .errors import CacheError, InputError, UnknownNameError
+from ..core import assets, parallel
+from ..core.errors import CacheError, InputError, UnknownNameError
+from ..core.store import read_artifact, sha256_json, write_artifact
+from ..core.validation import check_int, check_number, check_same_model
+from ..inputs.prompts import Prompt, PromptSet, as_prompt_set
+from ..model.loading import SafetyModel, forward_logits
 from .judges import OUTCOMES, SUBSTRING_PHRASES, CallableJudge, Judge, as_judge, default_judge
-from .models import SafetyModel, forward_logits
-from .prompts import Prompt, PromptSet, as_prompt_set
-from .store import read_artifact, sha256_json, write_artifact
-from .validation import check_int, check_number, check_same_model
 
 __all__ = [
     "REFUSAL_STARTS", "COMPLIANCE_STARTS", "SCORE_MODES", "REFUSAL_PHRASES", "RefusalTokens", "judge", "generate",
@@ -113,7 +113,7 @@ class RefusalTokens:
     default; use ``"complement"`` when a probability-based (smooth) metric matters more
     than agreement with the greedy reply.
 
-    >>> from lens_safety.testing import tiny_tokenizer
+    >>> from lens_safety.model.testing import tiny_tokenizer
     >>> rt = RefusalTokens.from_tokenizer(tiny_tokenizer())
     >>> len(rt.refusal_ids) > 0 and not set(rt.refusal_ids) & set(rt.compliance_ids)
     True
@@ -160,7 +160,7 @@ class RefusalTokens:
 
 # -- judge ---------------------------------------------------------------------------------
 
-#: The first version's substring list (see :class:`~lens_safety.judges.SubstringJudge`).
+#: The first version's substring list (see :class:`~lens_safety.behaviour.judges.SubstringJudge`).
 REFUSAL_PHRASES: tuple[str, ...] = SUBSTRING_PHRASES
 
 
@@ -168,8 +168,8 @@ def judge(completions: Iterable[str], requests: Sequence[str | None] | None = No
           judge: Judge | Callable | str | None = None) -> list[bool]:
     """``True`` where a completion did not comply (refused or unengaged), by ``judge``.
 
-    ``judge``: ``None`` (the default :class:`~lens_safety.judges.RuleJudge`), a name
-    (``"rules"``, ``"substring"``), a :class:`~lens_safety.judges.Judge` or any callable
+    ``judge``: ``None`` (the default :class:`~lens_safety.behaviour.judges.RuleJudge`), a name
+    (``"rules"``, ``"substring"``), a :class:`~lens_safety.behaviour.judges.Judge` or any callable
     ``list[str] -> list[bool]``. ``requests`` (one per completion) enable the engagement test.
 
     >>> judge(["I'm sorry, but I can't assist with that.", "Sure! Here is a poem about the sea."])
@@ -378,7 +378,7 @@ def generate(model: SafetyModel, prompts: PromptSet | Sequence[str], *, max_new_
     ``t[:, s.prompt_len - 1]`` on every pass.) Batches are sorted by length: row ``j`` of
     a batch is prompt ``s.rows[j]``, for hooks that edit each prompt differently.
 
-    >>> from lens_safety.testing import tiny_model
+    >>> from lens_safety.model.testing import tiny_model
     >>> out = generate(tiny_model(), ["Hi"], max_new_tokens=3, progress=False)
     >>> len(out), isinstance(out[0], str)
     (1, True)
@@ -400,7 +400,7 @@ def first_token_scores(model: SafetyModel, prompts: PromptSet | Sequence[str], *
     ``mode="margin"``: greedy decoding's first token is a refusal start). ``tokens``
     overrides the default ``RefusalTokens.from_tokenizer(model.tokenizer)``.
 
-    >>> from lens_safety.testing import tiny_model
+    >>> from lens_safety.model.testing import tiny_model
     >>> first_token_scores(tiny_model(), ["Hi", "Bake bread"]).shape
     torch.Size([2])
     """
@@ -425,7 +425,7 @@ def first_token_scores(model: SafetyModel, prompts: PromptSet | Sequence[str], *
 # -- results -------------------------------------------------------------------------------
 
 def _prompt_to_json(p: Prompt) -> dict[str, Any]:
-    from .activations import _prompt_to_json as to_json
+    from ..capture import _prompt_to_json as to_json
 
     return to_json(p)
 
@@ -449,7 +449,7 @@ class RefusalResult:
     """Greedy completions, the judge's outcomes and first-token scores for a prompt set.
 
     ``outcomes`` holds one of ``"refused" | "complied" | "unengaged"`` per prompt (see
-    :mod:`lens_safety.judges`); ``refused`` is ``outcomes != "complied"`` (did not comply:
+    :mod:`lens_safety.behaviour.judges`); ``refused`` is ``outcomes != "complied"`` (did not comply:
     refused *or* unengaged), the boolean a judge returns. ``score`` is the first-token score
     of :class:`RefusalTokens` (default: the max-logit margin, ``> 0`` exactly when greedy
     decoding starts a refusal). ``config["judge"]`` is the identity of the judge.
@@ -539,7 +539,7 @@ class RefusalResult:
         """
         import pandas as pd
 
-        from .stats import wilson_interval
+        from ..core.stats import wilson_interval
 
         n = len(self)
         rows = []
@@ -604,14 +604,14 @@ class RefusalResult:
                      mean_score=("score", "mean"), agreement=("agree", "mean")).reset_index())
 
     def plot(self, ax=None, bins: int = 30):
-        """Histogram of first-token scores per group (:func:`lens_safety.viz.refusal_score_figure`)."""
-        from . import viz
+        """Histogram of first-token scores per group (:func:`lens_safety.analyses.figures.refusal_score_figure`)."""
+        from . import figures as viz
 
         return viz.refusal_score_figure(self, ax=ax, bins=bins)
 
     # -- persistence ------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the result as a :mod:`lens_safety.store` artifact (``meta.json`` + safetensors)."""
+        """Write the result as a :mod:`lens_safety.core.store` artifact (``meta.json`` + safetensors)."""
         meta = {"model_name": self.model_name, "weights_hash": self.weights_hash, "config": self.config,
                 "prompts_name": self.prompts.name, "prompts_hash": self.prompts.hash(),
                 "prompts": [_prompt_to_json(p) for p in self.prompts], "completions": list(self.completions),
@@ -639,7 +639,7 @@ class RefusalResult:
 def _result_key(model: SafetyModel, ps: PromptSet, formatting: dict, max_new_tokens: int) -> dict[str, Any]:
     """What decides the completions and scores (not the judge: verdicts are tagged with its identity):
     the same model, tokenizer and transformers version as the capture key, then prompts and decoding."""
-    from .activations import software_key
+    from ..capture import software_key
 
     return {"schema_version": SCHEMA_VERSION, "weights_hash": model.weights_hash,
             "model_dtype": str(model.dtype), **software_key(model), "prompts_hash": ps.hash(),
@@ -683,7 +683,7 @@ def _read_legacy(entry: Path, model: SafetyModel, ps: PromptSet, formatting: dic
 def _generate_sharded(model: SafetyModel, ps: PromptSet, *, max_new_tokens: int, batch_size: int,
                       system: str | None, chat: bool | None, progress: bool) -> tuple[list[str], Tensor]:
     """:func:`_run_generation`'s completions and scores, its batches spread over the processes of a
-    data-parallel run (:mod:`lens_safety.parallel`) and gathered, in input order, on every process.
+    data-parallel run (:mod:`lens_safety.core.parallel`) and gathered, in input order, on every process.
 
     The batches are the one-process ones (longest first, ``batch_size`` rows), dealt out in turn
     (process ``r`` takes batches ``r, r + n, ...``: long and short prompts on every process), so
@@ -719,8 +719,8 @@ def evaluate_refusal(model: SafetyModel, prompts: PromptSet | Sequence[str], max
                      judge: Judge | Callable | str | None = None) -> RefusalResult:
     """Greedy-generate, judge and score every prompt; cached on disk.
 
-    ``judge``: ``None`` for :func:`~lens_safety.judges.default_judge`, a name (``"rules"``,
-    ``"substring"``, ``"model"``), a :class:`~lens_safety.judges.Judge` or a callable
+    ``judge``: ``None`` for :func:`~lens_safety.behaviour.judges.default_judge`, a name (``"rules"``,
+    ``"substring"``, ``"model"``), a :class:`~lens_safety.behaviour.judges.Judge` or a callable
     ``list[str] -> list[bool]`` (True = refused). Each reply is judged against its
     ``Prompt.plain_request`` (the decoded request for encoded jailbreaks).
 
@@ -735,12 +735,12 @@ def evaluate_refusal(model: SafetyModel, prompts: PromptSet | Sequence[str], max
 
     Data-parallel: launched under several processes (``accelerate launch --multi_gpu
     --num_processes N script.py``, or ``torchrun --nproc_per_node N``; see
-    :mod:`lens_safety.parallel`), each process generates every N-th batch and every process
+    :mod:`lens_safety.core.parallel`), each process generates every N-th batch and every process
     returns the full result, identical to a one-process run (same batches, so the same
     completions, scores and outcomes, in input order). Only the main process reads and writes
     the cache and runs the judge; the others wait for its result.
 
-    >>> from lens_safety.testing import tiny_model
+    >>> from lens_safety.model.testing import tiny_model
     >>> r = evaluate_refusal(tiny_model(), ["Hi"], max_new_tokens=2, cache=False, progress=False)
     >>> r.refused.dtype, len(r.completions), r.config["judge"].split(":")[0]
     (dtype('bool'), 1, 'calibrated')
@@ -830,7 +830,7 @@ def attack_success(plain: RefusalResult, jailbroken: RefusalResult):
     (outcome ``"refused"``, over all ``n``).
 
     >>> import numpy as np
-    >>> from lens_safety.prompts import Prompt, PromptSet
+    >>> from lens_safety.inputs.prompts import Prompt, PromptSet
     >>> P = PromptSet([Prompt("How to x?", "harmful")])
     >>> J = PromptSet([Prompt("Sure: How to x?", "jailbreak", request="How to x?", method="m")])
     >>> a = RefusalResult(P, ["I'm sorry"], np.array([True]), np.array([1.0]), "m", "h")
@@ -862,7 +862,7 @@ def attack_success(plain: RefusalResult, jailbroken: RefusalResult):
             d["n_plain_refused"] += 1
             d["n_complied"] += o == "complied"
             d["n_unengaged"] += o == "unengaged"
-    from .stats import wilson_interval
+    from ..core.stats import wilson_interval
 
     out = []
     for m, d in rows.items():
@@ -991,13 +991,14 @@ class PairSet(Sequence[JailbreakPair]):
                             columns=cols)
 
     def plot(self, ax=None):
-        """Score gaps of kept and dropped candidates per method (:func:`lens_safety.viz.pair_gap_figure`)."""
-        from . import viz
+        """Score gaps of kept and dropped candidates per method
+        (:func:`~lens_safety.behaviour.figures.pair_gap_figure`)."""
+        from . import figures as viz
 
         return viz.pair_gap_figure(self, ax=ax)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the pairs as a :mod:`lens_safety.store` artifact (JSON; no pickle)."""
+        """Write the pairs as a :mod:`lens_safety.core.store` artifact (JSON; no pickle)."""
         meta = {"model_name": self.model_name, "weights_hash": self.weights_hash, "config": self.config,
                 "asr": json.loads(self.asr.to_json(orient="records")),
                 "dropped": json.loads(self.dropped.to_json(orient="records")),
@@ -1027,7 +1028,7 @@ class PairSet(Sequence[JailbreakPair]):
 
 
 def _resolve_methods(methods: str | Sequence[str]) -> list[str]:
-    from .jailbreaks import jailbreak_methods
+    from ..inputs.jailbreaks import jailbreak_methods
 
     known = [getattr(m, "name", m) for m in jailbreak_methods()]
     if isinstance(methods, str):
@@ -1082,7 +1083,7 @@ def jailbreak_pairs(model: SafetyModel, harmful: PromptSet | Sequence[str],
     n = check_int(n, "n", low=1, allow_none=True)
     if n is not None:
         harmful = harmful.sample(min(n, len(harmful)), seed=seed)
-    from .jailbreaks import jailbreak
+    from ..inputs.jailbreaks import jailbreak
 
     j = as_judge(judge, model)
     kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "system": system, "chat": chat,

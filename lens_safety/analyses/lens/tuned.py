@@ -10,7 +10,7 @@ KL(final || layer readout)). The final norm and the unembedding stay frozen; the
 How training is made affordable on 2 CPU cores (:func:`train_tuned_lens`):
 
 1. **Data**: the prompts (chat-formatted) followed by the model's own greedy completions
-   (:func:`lens_safety.refusal.generate`), so the lens sees the text the model reads and writes.
+   (:func:`lens_safety.behaviour.refusal.generate`), so the lens sees the text the model reads and writes.
    One forward pass captures every residual layer; ``max_positions`` positions (all token
    positions of all texts, sub-sampled uniformly without replacement) are kept, in float16 (the
    final layer in float32). For each kept position the final distribution's exact log-normaliser
@@ -33,7 +33,8 @@ How training is made affordable on 2 CPU cores (:func:`train_tuned_lens`):
 prompts, with Student-t confidence intervals over prompts. :func:`compare_lenses` puts both
 lenses side by side (KL, category mass, refusal emergence): the function the report calls.
 
-The lens and its training live in :mod:`lens_safety.translators`, below :mod:`lens_safety.lens` (so
+The lens and its training live in :mod:`lens_safety.analyses.lens.translators`, below
+:mod:`lens_safety.analyses.lens.logit` (so
 ``logit_lens(lens="tuned")`` can train one); this module re-exports them and adds the diagnostics.
 
 >>> import lens_safety as ls
@@ -58,11 +59,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import store
-from .errors import InputError
-from .lens import LensResult, logit_lens
+from ...core import store
+from ...core.errors import InputError
+from ...core.stats import mean_ci
+from .logit import LensResult, logit_lens
 from .readout import _as_residuals, _check_finite, _check_residuals_any, lens_logits
-from .stats import mean_ci
 from .translators import (  # the tuned lens itself, re-exported: this is its public module
     SCHEMA_VERSION,
     TunedLens,
@@ -110,13 +111,13 @@ def lens_kl(model, residuals, lens=None, *, level: float = 0.95, batch_size: int
             system: str | None = None, chat: bool | None = None):
     """Per-layer KL(final || layer readout) in nats, exact over the full vocabulary, with a CI.
 
-    ``residuals``: :class:`~lens_safety.activations.Residuals` of **held-out** prompts (not used to
+    ``residuals``: :class:`~lens_safety.capture.Residuals` of **held-out** prompts (not used to
     train the lens) or prompts (captured at the last position, the generation-prompt token the
     lens results read); a prompt the tuned lens was trained on raises
-    :class:`~lens_safety.errors.InputError` (:func:`check_held_out`). With ``positions="last"`` the
+    :class:`~lens_safety.core.errors.InputError` (:func:`check_held_out`). With ``positions="last"`` the
     KL is measured at the last position; with ``positions=k`` it is averaged over the last ``k``
     positions of each prompt first. Confidence
-    intervals are Student-t over prompts (:func:`lens_safety.stats.mean_ci`). ``lens``: ``None``
+    intervals are Student-t over prompts (:func:`lens_safety.core.stats.mean_ci`). ``lens``: ``None``
     (logit lens), ``"tuned"`` or a :class:`TunedLens`. At the last layer both lenses give 0.
 
     Returns a DataFrame with columns ``lens, layer, kl, ci_low, ci_high, n, positions``.
@@ -202,13 +203,13 @@ class LensComparison:
 
     def plot(self, categories: Sequence[str] = ("refusal", "positive"), axes=None):
         """KL per layer for both lenses, then each category's mass curves with both lenses."""
-        from . import viz
+        from .. import figures as viz
 
         return viz.lens_comparison_figure(self, categories=categories, axes=axes)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the comparison as a :mod:`lens_safety.store` artifact: the KL table as JSON, the two
-        :class:`~lens_safety.lens.LensResult` and the :class:`TunedLens` in sub-folders ``logit``,
+        """Write the comparison as a :mod:`lens_safety.core.store` artifact: the KL table as JSON, the two
+        :class:`~lens_safety.analyses.lens.logit.LensResult` and the :class:`TunedLens` in sub-folders ``logit``,
         ``tuned`` and ``lens``."""
         return store.write_artifact(directory, kind="LensComparison", schema_version=SCHEMA_VERSION,
                                     meta={"kl": store.frame_to_json(self.kl)},
@@ -216,9 +217,9 @@ class LensComparison:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> LensComparison:
-        """Load what :meth:`save` wrote; :class:`~lens_safety.errors.CacheError` if it or one of its
+        """Load what :meth:`save` wrote; :class:`~lens_safety.core.errors.CacheError` if it or one of its
         sub-folders is missing or damaged."""
-        from .errors import CacheError
+        from ...core.errors import CacheError
 
         _, meta = store.read_artifact(directory, kind="LensComparison", schema_version=SCHEMA_VERSION,
                                       framework="numpy")

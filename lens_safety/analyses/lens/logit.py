@@ -36,14 +36,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .errors import CacheError, InputError, ModelMismatchError
-from .prompts import Prompt, PromptSet, as_prompt_set
+from ...core.errors import CacheError, InputError, ModelMismatchError
+from ...core.stats import mean_ci as _stats_mean_ci
+from ...core.stats import wilson_interval
+from ...core.store import read_artifact, write_artifact
+from ...core.validation import check_int
+from ...inputs.prompts import Prompt, PromptSet, as_prompt_set
 from .readout import _as_residuals, _check_finite, _check_residuals_any, lens_logits
-from .stats import mean_ci as _stats_mean_ci
-from .stats import wilson_interval
-from .store import read_artifact, write_artifact
 from .translators import lens_name, resolve_lens
-from .validation import check_int
 
 __all__ = ["Lexicon", "LensResult", "logit_lens", "lens_logits", "GraftResult", "graft", "mean_ci",
            "DEFAULT_REFUSAL_WORDS", "DEFAULT_POSITIVE_WORDS"]
@@ -237,7 +237,7 @@ def decoded_pieces(tokenizer, vocab_size: int | None = None) -> list[str]:
 
 # -- statistics -----------------------------------------------------------------------------------
 
-#: Re-exported from :mod:`lens_safety.stats` (the one place for statistics).
+#: Re-exported from :mod:`lens_safety.core.stats` (the one place for statistics).
 mean_ci = _stats_mean_ci
 
 
@@ -251,9 +251,9 @@ class LensResult:
     ``mass`` is ``[prompt, layer, category]``: the softmax probability summed over each
     lexicon category's token ids (categories in ``categories`` order, neutral last, so a
     row sums to 1). Layer 0 is the embedding output, ``l`` the raw output of block ``l-1``.
-    ``lens`` is ``"logit"`` or ``"tuned"`` (read through a :class:`~lens_safety.tuned_lens.TunedLens`);
+    ``lens`` is ``"logit"`` or ``"tuned"`` (read through a :class:`~lens_safety.analyses.lens.tuned.TunedLens`);
     everything below works the same with either. ``refusal_score`` (``[prompt, layer]``) is the
-    first-token refusal score (:meth:`lens_safety.refusal.RefusalTokens.score`, ``> 0``: a
+    first-token refusal score (:meth:`lens_safety.behaviour.refusal.RefusalTokens.score`, ``> 0``: a
     refusal start such as "I'm sorry" leads) of each layer's read-out: unlike the lexicon mass it
     reads the *first* token of a refusal ("I"), which is what the model outputs at this position.
     """
@@ -451,22 +451,23 @@ class LensResult:
         """``kind="mass"``: category-mass curves per set with CI bands (one panel per category;
         ``ax`` a list of axes); ``"heatmap"``: layers x rank token table coloured by category
         (``prompt=i`` for one prompt, ``label=`` for a set's most frequent tokens). Returns the
-        matplotlib Figure (see :func:`lens_safety.viz.category_mass_figure`, :func:`~lens_safety.viz.lens_heatmap`)."""
-        from . import viz
+        matplotlib Figure (see :func:`~lens_safety.analyses.figures.category_mass_figure`,
+        :func:`~lens_safety.analyses.figures.lens_heatmap`)."""
+        from .. import figures as viz
 
         if kind not in ("mass", "heatmap"):
             raise InputError(f"kind must be 'mass' or 'heatmap', got {kind!r}.")
         return (viz.category_mass_figure if kind == "mass" else viz.lens_heatmap)(self, ax=ax, **kwargs)
 
     def views(self, prompts: Sequence[int] = (0,)):
-        """circuitsvis views of the chosen prompts: top-k tokens per layer (see :mod:`lens_safety.viz`)."""
-        from . import viz
+        """circuitsvis views of the chosen prompts: top-k tokens per layer (see :mod:`lens_safety.analyses.figures`)."""
+        from .. import figures as viz
 
         return [viz.lens_topk_view(self, list(prompts))]
 
     # -- persistence ------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the result as a :mod:`lens_safety.store` artifact: ids, probabilities, masses, categories
+        """Write the result as a :mod:`lens_safety.core.store` artifact: ids, probabilities, masses, categories
         and scores in ``tensors.safetensors``; token pieces, prompts and the lexicon in ``meta.json``.
 
         >>> import tempfile, lens_safety as ls
@@ -488,7 +489,7 @@ class LensResult:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> LensResult:
-        """Load what :meth:`save` wrote; :class:`~lens_safety.errors.CacheError` if it is missing, of
+        """Load what :meth:`save` wrote; :class:`~lens_safety.core.errors.CacheError` if it is missing, of
         another kind, edited or truncated."""
         t, meta = read_artifact(directory, kind="LensResult", schema_version=SCHEMA_VERSION)
         try:
@@ -517,7 +518,7 @@ SCHEMA_VERSION = 1
 
 def _prompts_to_json(ps: PromptSet) -> dict[str, Any]:
     """A saved result's prompts (JSON), with their set name and hash."""
-    from .activations import _prompt_to_json
+    from ...capture import _prompt_to_json
 
     return {"prompts_name": ps.name, "prompts_hash": ps.hash(), "prompts": [_prompt_to_json(p) for p in ps]}
 
@@ -554,7 +555,7 @@ def logit_lens(model, residuals, top_k: int = 5, lexicon: Lexicon | None = None,
                chat: bool | None = None, lens=None) -> LensResult:
     """Decode every residual layer with the model's final norm (once) and unembedding.
 
-    ``residuals``: a :class:`~lens_safety.activations.Residuals` (``positions="last"``) from
+    ``residuals``: a :class:`~lens_safety.capture.Residuals` (``positions="last"``) from
     this model, or prompts (then captured without cache). Keeps the ``top_k`` tokens per
     prompt and layer and the probability mass of each ``lexicon`` category (default
     :meth:`Lexicon.default`). Work is done in chunks of ``batch_size`` prompts (default:
@@ -562,9 +563,9 @@ def logit_lens(model, residuals, top_k: int = 5, lexicon: Lexicon | None = None,
 
     ``lens``: ``None`` (the logit lens), ``"tuned"`` (the cached tuned lens of this model,
     trained once with the default budget if missing) or a
-    :class:`~lens_safety.tuned_lens.TunedLens`: each layer is first mapped by its trained
+    :class:`~lens_safety.analyses.lens.tuned.TunedLens`: each layer is first mapped by its trained
     translator (the last layer is left as it is, so both lenses agree there). NaN/inf
-    residuals raise :class:`~lens_safety.errors.InputError`.
+    residuals raise :class:`~lens_safety.core.errors.InputError`.
     """
     tuned = resolve_lens(model, lens)
     lexicon = lexicon or Lexicon.default()
@@ -586,7 +587,7 @@ def logit_lens(model, residuals, top_k: int = 5, lexicon: Lexicon | None = None,
     cat[:m] = torch.from_numpy(cat_np[:m])
     onehot = torch.nn.functional.one_hot(cat, len(names)).to(device=model.output_device, dtype=torch.float32)
 
-    from .refusal import RefusalTokens
+    from ...behaviour.refusal import RefusalTokens
 
     rt = RefusalTokens.from_tokenizer(model.tokenizer)
     score = torch.empty((n, L), dtype=torch.float32)
@@ -619,7 +620,7 @@ def logit_lens(model, residuals, top_k: int = 5, lexicon: Lexicon | None = None,
 
 def _donor_states(model, donor, layers: list[int], donor_label: str | None, n_prompts: int) -> dict[int, Tensor]:
     """Per grafted layer, a donor of shape [d_model] or [n_prompts, d_model]."""
-    from .activations import Residuals
+    from ...capture import Residuals
 
     d, L = model.d_model, model.n_layers
     if isinstance(donor, Residuals):
@@ -673,16 +674,16 @@ def _last_resid(model, ids: Tensor, mask: Tensor, layer: int | None, state: Tens
 
 
 def prompt_pass_graft_hook(model, layer: int, state: Tensor):
-    """A ``(hook_name, fn)`` for :func:`lens_safety.refusal.generate` that grafts ``state`` at residual
+    """A ``(hook_name, fn)`` for :func:`lens_safety.behaviour.refusal.generate` that grafts ``state`` at residual
     layer ``layer`` into the last *prompt* position only.
 
-    Inside ``generate`` it uses :func:`lens_safety.refusal.generation_step`: on the prompt pass
+    Inside ``generate`` it uses :func:`lens_safety.behaviour.refusal.generation_step`: on the prompt pass
     (step 0) position ``prompt_len - 1`` is replaced; with a KV cache the later passes (one
     new position each) are left alone; without one they recompute the prompt, so the same
     position is replaced again (same result as a cached run). Outside ``generate`` the last
     position is replaced.
     """
-    from .refusal import generation_step
+    from ...behaviour.refusal import generation_step
 
     def hook(t: Tensor, hook) -> Tensor | None:
         s = generation_step()
@@ -702,7 +703,7 @@ def prompt_pass_graft_hook(model, layer: int, state: Tensor):
 class GraftResult:
     """Refusal score per prompt before and after grafting at each layer.
 
-    The score is :meth:`lens_safety.refusal.RefusalTokens.score` of the next-token logits at
+    The score is :meth:`lens_safety.behaviour.refusal.RefusalTokens.score` of the next-token logits at
     the last position (a max-logit margin: the largest refusal-start logit minus the largest
     other logit). ``before`` is ``[n]``, ``after`` ``[n_grafted_layers, n]`` (rows in ``layers``
     order). With generation: ``completions`` / ``complied`` per layer (key ``None`` = ungrafted).
@@ -821,14 +822,14 @@ class GraftResult:
 
     def plot(self, ax=None, level: float = 0.95):
         """Mean refusal score per grafted layer with a CI band, and the ungrafted level
-        (:func:`lens_safety.viz.graft_figure`; ``ax`` a pair of axes)."""
-        from . import viz
+        (:func:`lens_safety.analyses.figures.graft_figure`; ``ax`` a pair of axes)."""
+        from .. import figures as viz
 
         return viz.graft_figure(self, ax=ax, level=level)
 
     # -- persistence ------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the result as a :mod:`lens_safety.store` artifact: the scores in ``tensors.safetensors``,
+        """Write the result as a :mod:`lens_safety.core.store` artifact: the scores in ``tensors.safetensors``,
         layers, prompts, replies and verdicts in ``meta.json`` (no pickle).
 
         >>> import tempfile, torch, lens_safety as ls
@@ -847,7 +848,7 @@ class GraftResult:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> GraftResult:
-        """Load what :meth:`save` wrote; :class:`~lens_safety.errors.CacheError` if it is missing, of
+        """Load what :meth:`save` wrote; :class:`~lens_safety.core.errors.CacheError` if it is missing, of
         another kind, edited or truncated."""
         t, meta = read_artifact(directory, kind="GraftResult", schema_version=SCHEMA_VERSION)
         try:
@@ -871,9 +872,9 @@ class GraftResult:
 
 
 def _resolve_judge(model, judge):
-    """A :class:`lens_safety.judges.Judge` from ``None`` (``default_judge(model)``), a judge name,
+    """A :class:`lens_safety.behaviour.judges.Judge` from ``None`` (``default_judge(model)``), a judge name,
     a judge, or a callable ``list[str] -> list[bool]`` (True = refused)."""
-    from .judges import as_judge
+    from ...behaviour.judges import as_judge
 
     if judge is not None and not (callable(judge) or isinstance(judge, str)):
         raise InputError(f"judge must be None, a judge name ('rules', 'substring', 'model'), a Judge or a callable "
@@ -901,7 +902,7 @@ def graft(model, prompts, donor, layers: int | Sequence[int] | None = None, *, m
           judge=None) -> GraftResult:
     """Logit Grafting: replace the last-position residual at layer ``l`` by a donor state.
 
-    ``donor``: :class:`~lens_safety.activations.Residuals` (the mean of class ``donor_label``
+    ``donor``: :class:`~lens_safety.capture.Residuals` (the mean of class ``donor_label``
     at each layer, e.g. the harmless mean; collected with ``positions="last"`` and the same
     ``chat``/``system`` formatting as here, else :class:`InputError`), a Tensor
     ``[n_layers+1, d_model]``, a Tensor ``[d_model]`` (one layer only), or
@@ -914,14 +915,14 @@ def graft(model, prompts, donor, layers: int | Sequence[int] | None = None, *, m
     refusal-start tokens over the rest at the last position, :class:`RefusalTokens`) is
     compared with the ungrafted run. With ``generate``, greedy replies are produced with the
     graft active on the prompt pass only, and judged by ``judge`` (default
-    :func:`lens_safety.judges.default_judge`; a judge name, a :class:`~lens_safety.judges.Judge`,
+    :func:`lens_safety.behaviour.judges.default_judge`; a judge name, a :class:`~lens_safety.behaviour.judges.Judge`,
     or a callable ``list[str] -> list[bool]``, True = refused), with the plain request passed
     for its engagement test: a reply counts as compliance only when the judge's outcome is
     ``"complied"`` (not refused, not unengaged). :meth:`GraftResult.summary` reports the
     largest score drop and the earliest layer where most refused requests comply (Wilson CI).
     """
-    from .activations import Residuals
-    from .refusal import RefusalTokens
+    from ...behaviour.refusal import RefusalTokens
+    from ...capture import Residuals
 
     ps = as_prompt_set(prompts)
     if len(ps) == 0:
@@ -966,7 +967,7 @@ def graft(model, prompts, donor, layers: int | Sequence[int] | None = None, *, m
     result = GraftResult(layers, before, after, ps, model.name, donor_desc, final_layer=model.n_layers,
                          judge=judge_obj.identity if judge_obj is not None else "")
     if generate:
-        from . import refusal
+        from ...behaviour import refusal
 
         def run(hooks):
             out = refusal.generate(model, ps, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system,

@@ -11,7 +11,7 @@ The one place for lens_safety's storage. Every artifact folder holds
 Folders are built under a unique temporary name beside the target and renamed into place, so a
 crash never leaves a half artifact under the real name, concurrent writers never share a temporary
 folder, and a folder lens_safety did not write is never replaced (:func:`atomic_dir`). Reads verify
-everything and raise :class:`~lens_safety.errors.CacheError` (an ``OSError``) that says what is wrong
+everything and raise :class:`~lens_safety.core.errors.CacheError` (an ``OSError``) that says what is wrong
 and how to fix it.
 
 >>> import tempfile, numpy as np
@@ -90,7 +90,7 @@ def sha256_json(obj: Any) -> str:
 
 
 #: Files that mark a folder as written by lens_safety (``meta.json`` of artifacts and caches,
-#: ``lens_safety.json`` of :meth:`~lens_safety.models.SafetyModel.save_pretrained` exports): a JSON
+#: ``lens_safety.json`` of :meth:`~lens_safety.model.loading.SafetyModel.save_pretrained` exports): a JSON
 #: object with a ``kind``. Only such folders (or empty ones) are ever replaced by :func:`atomic_dir`.
 MARKERS = (META, "lens_safety.json")
 
@@ -126,7 +126,7 @@ def is_ours(directory: str | os.PathLike) -> bool:
 
 
 def check_replaceable(directory: str | os.PathLike) -> None:
-    """Raise :class:`~lens_safety.errors.InputError` unless ``directory`` is absent, an empty folder
+    """Raise :class:`~lens_safety.core.errors.InputError` unless ``directory`` is absent, an empty folder
     or a folder lens_safety wrote (:func:`is_ours`): a user's own folder is never deleted."""
     from .errors import InputError
 
@@ -147,7 +147,7 @@ def atomic_dir(directory: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``directory``; on success it replaces ``directory`` in one rename.
 
     ``directory`` must be absent, empty or written by lens_safety (:func:`check_replaceable`, checked
-    before and after the work); anything else raises :class:`~lens_safety.errors.InputError` and is
+    before and after the work); anything else raises :class:`~lens_safety.core.errors.InputError` and is
     left untouched. Each call builds in its own uniquely named temporary folder, so concurrent writers
     (several processes under ``accelerate``) never share one; the last to finish wins. On an exception
     the temporary folder is removed and ``directory`` is left as it was.
@@ -354,14 +354,14 @@ class Result(Protocol):
     - ``to_frame()``: a pandas DataFrame of the numbers;
     - ``plot(ax=None)``: a matplotlib ``Figure`` (drawn on ``ax``'s figure when given; never an Axes);
     - ``save(path)``: an artifact folder written by :func:`write_artifact` (safetensors + JSON, no pickle);
-    - ``load(path)`` (a classmethod): the object back; :class:`~lens_safety.errors.CacheError` when the
+    - ``load(path)`` (a classmethod): the object back; :class:`~lens_safety.core.errors.CacheError` when the
       folder is missing, of another kind, edited or truncated (:func:`read_artifact`).
 
     ``isinstance(obj, Result)`` checks that the four methods exist (not their signatures).
 
     >>> import tempfile
-    >>> from lens_safety.prompts import PromptSet
-    >>> from lens_safety.refusal import RefusalResult
+    >>> from lens_safety.inputs.prompts import PromptSet
+    >>> from lens_safety.behaviour.refusal import RefusalResult
     >>> r = RefusalResult(PromptSet.from_texts(["a"], label="x"), ["No."], [True], [1.0], "m", "h")
     >>> isinstance(r, Result), type(r.plot()).__name__
     (True, 'Figure')

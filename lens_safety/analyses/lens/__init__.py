@@ -1,0 +1,1 @@
+"""The logit lens, the tuned lens and logit grafting."""

@@ -1,0 +1,1 @@
+"""What the model does: judges of replies, refusal scores and rates, jailbreak pairs."""

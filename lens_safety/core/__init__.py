@@ -1,0 +1,2 @@
+"""The ground floor: errors, verified artifact store, statistics, validation, pinned assets, processes, figure
+primitives and offline HTML."""

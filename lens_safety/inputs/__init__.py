@@ -1,0 +1,1 @@
+"""Prompt sets (with source and licence) and jailbreak templates."""

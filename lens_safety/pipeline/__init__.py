@@ -1,0 +1,1 @@
+"""The one-command run: stages, verdicts, the HTML report and the README writer."""
