@@ -235,3 +235,39 @@ def test_light_modules_do_not_import_torch(module):
     code = f"import sys, lens_safety.{module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_PARAMETERS = 800, 100, 12
+
+
+def size_faults(package: Path) -> list[str]:
+    """Modules over MAX_MODULE_LINES lines; functions over MAX_FUNCTION_LINES lines (docstring included) or
+    with more than MAX_PARAMETERS parameters (``self``/``cls`` and ``*args``/``**kwargs`` not counted: many
+    options belong in a config object)."""
+    faults = []
+    for module, path in _modules(package).items():
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > MAX_MODULE_LINES:
+            faults.append(f"{module}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                params = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs if p.arg not in ("self", "cls")]
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES or len(params) > MAX_PARAMETERS:
+                    faults.append(f"{module}.{node.name} (line {node.lineno}): {lines} lines, {len(params)} parameters")
+    return faults
+
+
+def test_modules_and_functions_stay_small():
+    faults = size_faults(PACKAGE)
+    assert not faults, ("Split along a seam, or gather options into a config object:\n" + "\n".join(faults))
+
+
+def test_the_size_check_counts_lines_and_parameters(tmp_path):
+    many = ", ".join(f"p{i}" for i in range(MAX_PARAMETERS + 1))
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    pkg = _package(tmp_path, {"ok.py": "def f(self, a, *args, b=1, **kw):\n    return a\n",
+                              "wide.py": f"def g({many}):\n    pass\n", "long.py": f"def h():\n{body}\n"})
+    assert sorted(size_faults(pkg)) == ["long.h (line 1): 101 lines, 0 parameters",
+                                        "wide.g (line 1): 2 lines, 13 parameters"]
