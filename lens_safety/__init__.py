@@ -28,15 +28,17 @@ _PUBLIC: dict[str, tuple[str, ...]] = {  # module -> the public names it holds
     "behaviour.refusal": ("evaluate_refusal", "RefusalResult", "jailbreak_pairs", "JailbreakPair", "PairSet",),
     "behaviour.judges": ("default_judge", "Judge", "RuleJudge", "SubstringJudge", "ModelJudge", "CalibratedJudge",
                         "load_xstest",),
-    "analyses.probes": ("probe_layers", "ProbeResult", "probe_transfer", "transfer_to", "refusal_directions",
-                       "relative_depth_frame", "TransferResult", "claim1_verdict", "Claim1Verdict", "request_groups",),
-    "analyses.lens.logit": ("logit_lens", "LensResult", "Lexicon", "graft", "GraftResult",),
+    "analyses.probes": ("ProbeConfig", "probe_layers", "ProbeResult", "probe_transfer", "transfer_to",
+                       "refusal_directions", "relative_depth_frame", "TransferResult", "claim1_verdict",
+                       "Claim1Verdict", "request_groups",),
+    "analyses.lens.logit": ("logit_lens", "LensResult", "Lexicon",),
+    "analyses.lens.graft": ("graft", "GraftResult",),
     "analyses.lens.tuned": ("train_tuned_lens", "TunedLens", "TunedLensConfig", "lens_kl", "compare_lenses",
                            "LensComparison",),
-    "analyses.patching": ("patch_layers", "PatchResult", "attribution_patch",),
+    "analyses.patching": ("PatchConfig", "patch_layers", "PatchResult", "attribution_patch",),
     "analyses.directions": ("select_refusal_direction", "DirectionSelection", "RefusalDirection", "ablate", "add",
                            "orthogonalize", "SelectionFilters",),
-    "pipeline.report": ("run_pipeline", "render_report", "Verdict",),
+    "pipeline": ("run_pipeline", "render_report", "Verdict",),
 }
 _EXPORTS: dict[str, str] = {name: module for module, names in _PUBLIC.items() for name in names}
 
@@ -64,7 +66,7 @@ MOVED: dict[str, str] = {
     "tuned_lens": "analyses.lens.tuned",
     "patching": "analyses.patching",
     "directions": "analyses.directions",
-    "report": "pipeline.report",
+    "report": "pipeline",
     "viz": "analyses.figures",
 }
 _SUBPACKAGES = {"core", "inputs", "model", "capture", "behaviour", "analyses", "pipeline", "cli"}

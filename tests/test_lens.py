@@ -289,7 +289,7 @@ def test_graft_frame_and_best_layer(tiny, acts, prompts):
 
 
 def test_prompt_pass_hook_leaves_decoding_steps_alone(tiny):
-    from lens_safety.lens import prompt_pass_graft_hook
+    from lens_safety.analyses.lens.graft import prompt_pass_graft_hook
     from lens_safety.refusal import _STEP, GenerationStep
 
     state = torch.ones(tiny.d_model)
@@ -311,7 +311,7 @@ def test_prompt_pass_hook_leaves_decoding_steps_alone(tiny):
 
 
 def test_graft_generation_follows_grafted_logits(tiny, acts):
-    from lens_safety.lens import _last_resid
+    from lens_safety.analyses.lens.graft import _last_resid
 
     harmful = acts.subset([3, 4, 5])
     donor = acts.values[:3].mean(0)

@@ -351,31 +351,31 @@ def test_verified_file_copied_elsewhere_is_rehashed_not_refetched(local_index, t
 def test_converted_model_folder_tamper_is_detected(tiny_folder, tmp_path, monkeypatch):
     import shutil
 
-    from lens_safety import models
+    from lens_safety.model import sources
 
     folder = tmp_path / "converted"
     shutil.copytree(tiny_folder, folder)
-    models._seal(folder, {"gguf_sha256": "f" * 64, "conversion_version": 1})
-    assert models.converted_ok(folder)
-    assert models.converted_ok(folder)  # second check: marker fast path
+    sources._seal(folder, {"gguf_sha256": "f" * 64, "conversion_version": 1})
+    assert sources.converted_ok(folder)
+    assert sources.converted_ok(folder)  # second check: marker fast path
     weights = folder / "model.safetensors"
     raw = bytearray(weights.read_bytes())
     raw[-10] ^= 0xFF  # same size
     weights.write_bytes(bytes(raw))
-    assert not models.converted_ok(folder)
-    # _convert_gguf throws a damaged folder away and converts again
-    monkeypatch.setattr(models, "_converted_dir", lambda sha: folder)
+    assert not sources.converted_ok(folder)
+    # convert_gguf throws a damaged folder away and converts again
+    monkeypatch.setattr(sources, "_converted_dir", lambda sha: folder)
     calls = []
-    monkeypatch.setattr(models, "_do_convert", lambda path, sha, target: calls.append(target) or target)
-    assert models._convert_gguf(tmp_path / "x.gguf", "f" * 64) == folder
+    monkeypatch.setattr(sources, "_do_convert", lambda path, sha, target: calls.append(target) or target)
+    assert sources.convert_gguf(tmp_path / "x.gguf", "f" * 64) == folder
     assert calls == [folder] and not folder.exists()
     # a truncated file or an incomplete meta.json are caught too
     shutil.copytree(tiny_folder, folder)
-    models._seal(folder, {"gguf_sha256": "f" * 64, "conversion_version": 1})
+    sources._seal(folder, {"gguf_sha256": "f" * 64, "conversion_version": 1})
     (folder / "tokenizer.json").write_text("{}")
-    assert not models.converted_ok(folder)
+    assert not sources.converted_ok(folder)
     (folder / "meta.json").write_text("{")
-    assert not models.converted_ok(folder)
+    assert not sources.converted_ok(folder)
 
 
 # -- the real default model -----------------------------------------------------------

@@ -474,7 +474,7 @@ def test_start_at_patch_equals_full_forward(request, which, kw):
 
 
 def test_start_at_patch_runs_fewer_blocks(tiny):
-    import lens_safety.patching as lp
+    from lens_safety.analyses.patching import sweeps as lp  # the sweep looks _run_from_block up there
 
     seen = []
     orig = lp._run_from_block

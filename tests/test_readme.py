@@ -118,11 +118,12 @@ def test_readme_has_python_examples():
 
 def test_readme_python_runs_on_the_tiny_model(tiny, home, monkeypatch):
     """Every ```python block of the README, run in order on the tiny model with offline prompts."""
+    import matplotlib.pyplot as plt
+
     import lens_safety.models
     import lens_safety.patching
     import lens_safety.prompts
     import lens_safety.refusal
-    import matplotlib.pyplot as plt
 
     # Import every module first: a module imported for the first time while the stand-ins are in place would
     # bind them for good (`from .models import load_model`) and hand them to later tests.
@@ -186,11 +187,12 @@ def test_readme_command_lines_parse_with_the_real_cli():
 
 def test_readme_measured_table_is_generated_from_the_committed_run():
     """The README's measured block equals readme_table(benchmarks/results/default_run_metrics.json).
-    Regenerate with: python -m lens_safety.report readme benchmarks/results/default_run_metrics.json README.md"""
+    Regenerate with:
+    python -m lens_safety.pipeline.readme readme benchmarks/results/default_run_metrics.json README.md"""
     text = README.read_text(encoding="utf-8")
     assert text.count(rep.README_BEGIN) == 1 and text.count(rep.README_END) == 1, (
         f"README.md needs one {rep.README_BEGIN} ... {rep.README_END} block (then run "
-        "python -m lens_safety.report readme benchmarks/results/default_run_metrics.json README.md)")
+        "python -m lens_safety.pipeline.readme readme benchmarks/results/default_run_metrics.json README.md)")
     assert METRICS.is_file(), f"{METRICS} is missing: copy a real run's metrics.json there"
     metrics = json.loads(METRICS.read_text(encoding="utf-8"))
     assert metrics["headline"]["model"] == ls.DEFAULT_MODEL and metrics["config"]["quick"] is False
@@ -198,7 +200,7 @@ def test_readme_measured_table_is_generated_from_the_committed_run():
         assert metrics["headline"].get(field) is not None, f"the committed run has no {field}"
     block = text.split(rep.README_BEGIN)[1].split(rep.README_END)[0]
     assert block == "\n" + rep.readme_table(metrics), (
-        "README.md's measured table is out of date; run python -m lens_safety.report readme "
+        "README.md's measured table is out of date; run python -m lens_safety.pipeline.readme readme "
         "benchmarks/results/default_run_metrics.json README.md")
 
 

@@ -8,6 +8,7 @@ from types import SimpleNamespace as NS
 import numpy as np
 import pytest
 import torch
+
 from lens_safety.errors import InputError, ModelMismatchError, NonFiniteActivationError
 from lens_safety.validation import check_finite, check_int, check_number, check_same_model
 
@@ -153,9 +154,8 @@ def test_judge_and_config_checks_use_validation():
 
 
 def test_attack_success_of_two_models_is_a_model_mismatch():
-    from lens_safety.prompts import Prompt, PromptSet
-
     from lens_safety import refusal as R
+    from lens_safety.prompts import Prompt, PromptSet
 
     ps = PromptSet([Prompt("How?", "harmful")], "x")
     a = R.RefusalResult(ps, ["No"], np.array([True]), np.array([1.0]), "m1", "a" * 64)

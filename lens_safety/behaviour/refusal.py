@@ -1,4 +1,4 @@
-"""Refusal: a first-token refusal score, judged generation, ASR, effective pairs.
+"""Refusal: a first-token refusal score, judged generation, rates and ASR.
 
 Two measures of refusal, computed on the same prompts:
 
@@ -8,14 +8,16 @@ Two measures of refusal, computed on the same prompts:
   ``> 0`` exactly when greedy decoding starts a refusal (see :class:`RefusalTokens`).
   One forward, differentiable, no generation.
 * a judge (:mod:`lens_safety.behaviour.judges`; :func:`default_judge`) on greedy completions from
-  :func:`generate` -- each reply is ``"refused"``, ``"complied"`` or ``"unengaged"``
+  :func:`~lens_safety.model.generation.generate` -- each reply is ``"refused"``, ``"complied"`` or ``"unengaged"``
   (empty, an acknowledgement only, or unrelated to the request).
 
 :func:`evaluate_refusal` runs both (one prefill serves both the score and the first
 decoding step) and caches the result on disk; :func:`attack_success` turns a plain and a
-jailbroken result into the attack success rate per jailbreak family; and
-:func:`jailbreak_pairs` returns the *effective* pairs (plain refused, wrapped complied, score
-gap at least ``min_gap``) that activation patching needs, and the dropped candidates.
+jailbroken result into the attack success rate per jailbreak family.
+
+The generation engine lives in :mod:`lens_safety.model.generation` and the effective jailbreak
+pairs in :mod:`lens_safety.behaviour.pairs`; their names are re-exported here (``generate``,
+``generation_step``, ``jailbreak_pairs``, ``PairSet``, ...), so older imports keep working.
 
 >>> from lens_safety.model.testing import tiny_model
 >>> res = evaluate_refusal(tiny_model(), ["Hi there", "Bake bread"], max_new_tokens=4, cache=False,
@@ -27,12 +29,12 @@ gap at least ``min_gap``) that activation patching needs, and the dropped candid
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import hashlib
+import importlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,21 +45,52 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..core import assets, parallel
-from ..core.errors import CacheError, InputError, UnknownNameError
+from ..core.errors import CacheError, InputError
 from ..core.store import read_artifact, sha256_json, write_artifact
-from ..core.validation import check_int, check_number, check_same_model
-from ..inputs.prompts import Prompt, PromptSet, as_prompt_set
+from ..core.validation import check_same_model
+from ..inputs.prompts import Prompt, PromptSet
+from ..model.generation import (
+    CURRENT_STEP,
+    GenerationStep,
+    check_decoding,
+    generate,
+    generation_step,
+    kv_cache_shim,
+    length_order,
+    run_generation,
+    to_prompt_set,
+)
 from ..model.loading import SafetyModel, forward_logits
 from .judges import OUTCOMES, SUBSTRING_PHRASES, CallableJudge, Judge, as_judge, default_judge
+
+#: Names that moved to :mod:`lens_safety.behaviour.pairs`. That module imports this one, so they are read
+#: from it on first use (module ``__getattr__`` below) rather than imported here.
+_PAIRS_PUBLIC = ("JailbreakPair", "PairSet", "PairsConfig", "jailbreak_pairs", "MIN_GAP", "DROPPED_COLUMNS")
+_PAIRS_NAMES = frozenset({*_PAIRS_PUBLIC, "_build_pairs", "_resolve_methods"})
 
 __all__ = [
     "REFUSAL_STARTS", "COMPLIANCE_STARTS", "SCORE_MODES", "REFUSAL_PHRASES", "RefusalTokens", "judge", "generate",
     "first_token_scores", "generation_step", "GenerationStep", "RefusalResult", "evaluate_refusal",
-    "attack_success", "JailbreakPair", "PairSet", "jailbreak_pairs", "SCHEMA_VERSION", "default_judge",
-    "MIN_GAP", "ASR_COLUMNS", "DROPPED_COLUMNS",
+    "attack_success", "SCHEMA_VERSION", "default_judge", "ASR_COLUMNS", *_PAIRS_PUBLIC,
 ]
 
 SCHEMA_VERSION = 2
+
+# Old private names, still imported by other modules and tests (the public ones are in model.generation).
+_kv_cache_shim = kv_cache_shim
+_as_set = to_prompt_set
+_STEP = CURRENT_STEP
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PAIRS_NAMES:
+        return getattr(importlib.import_module(f"{__package__}.pairs"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _PAIRS_NAMES)
+
 
 # -- first-token score ---------------------------------------------------------------------
 
@@ -182,212 +215,16 @@ def judge(completions: Iterable[str], requests: Sequence[str | None] | None = No
     return [bool(v) for v in (j(texts, requests) if isinstance(j, Judge) else j(texts))]
 
 
-# -- generation ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class GenerationStep:
-    """Where :func:`generate` is, for hooks that must act on one pass only.
-
-    ``step`` is 0 for the prompt pass and ``k`` for the pass that computes generated token
-    ``k + 1``; ``prompt_len`` is the padded prompt width of the batch (so the last prompt
-    position is ``prompt_len - 1``); ``kv_cache`` says whether later passes see only the
-    newest position (True) or recompute the whole sequence (False); ``rows`` are the input
-    indices (into the prompts passed to :func:`generate`) of the batch's rows, in row order
-    (batches are sorted by length, so a hook that edits rows differently must use them).
-    """
-
-    step: int
-    prompt_len: int
-    kv_cache: bool
-    rows: tuple[int, ...] = ()
-
-
-_STEP: contextvars.ContextVar[GenerationStep | None] = contextvars.ContextVar("lens_safety_gen_step",
-                                                                               default=None)
-
-
-def generation_step() -> GenerationStep | None:
-    """The current :class:`GenerationStep` inside :func:`generate` (``None`` outside)."""
-    return _STEP.get()
-
-
-@contextlib.contextmanager
-def _kv_cache_shim(bridge) -> Iterator[None]:
-    """Let TransformerBridge attention see transformers>=5.2x's renamed KV-cache kwarg.
-
-    transformers renamed the attention kwarg ``past_key_values`` to ``cache``; TL 4.3's
-    attention bridges still read ``past_key_values`` only, so the cache is never filled and
-    cached decoding silently ignores the prompt (``bridge.generate`` is wrong on this stack).
-    This instance-level patch (removed on exit) forwards ``cache`` to the name TL reads.
-    """
-    patched = []
-    for mod in bridge.modules():
-        orig = getattr(mod, "_update_kv_cache", None)
-        if orig is None or "_update_kv_cache" in vars(mod):
-            continue
-
-        def update(k, v, _orig=orig, **kw):
-            if kw.get("past_key_values") is None and kw.get("layer_past") is None and kw.get("cache") is not None:
-                kw["past_key_values"] = kw["cache"]
-            return _orig(k, v, **kw)
-
-        mod._update_kv_cache = update
-        patched.append(mod)
-    try:
-        yield
-    finally:
-        for mod in patched:
-            del mod._update_kv_cache
-
-
-def _stop_ids(model: SafetyModel) -> list[int]:
-    """End-of-turn ids: the tokenizer's EOS, the HF generation config's, and common turn ends."""
-    tok = model.tokenizer
-    ids: set[int] = set()
-    if tok.eos_token_id is not None:
-        ids.add(int(tok.eos_token_id))
-    gc = getattr(getattr(model.bridge, "original_model", None), "generation_config", None)
-    eos = getattr(gc, "eos_token_id", None)
-    if eos is not None:
-        ids.update(int(e) for e in ([eos] if isinstance(eos, int) else eos))
-    for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
-        tid = tok.convert_tokens_to_ids(name)
-        if isinstance(tid, int) and tid != tok.unk_token_id and tok.convert_ids_to_tokens(tid) == name:
-            ids.add(tid)
-    return sorted(i for i in ids if 0 <= i < model.d_vocab)
-
-
-@torch.no_grad()
-def _greedy_batch(model: SafetyModel, ids: Tensor, mask: Tensor, max_new_tokens: int,
-                  stop: Tensor, pad_id: int, rows: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
-    """Greedy tokens [batch, <= max_new_tokens] and the prompt pass's last logits [batch, d_vocab]."""
-    bridge = model.bridge
-    width = ids.shape[1]
-    rows = tuple(rows)
-    token = _STEP.set(GenerationStep(0, width, True, rows))
-    try:
-        logits, cache = forward_logits(bridge, ids, mask, want_cache=True)
-        kv = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() == width
-        if not kv:
-            cache = None
-        first_logits = logits.float()
-        out: list[Tensor] = []
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        seq = ids
-        nxt = logits.argmax(-1)
-        for step in range(max_new_tokens):
-            nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-            out.append(nxt)
-            finished |= torch.isin(nxt, stop)
-            if bool(finished.all()) or step == max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            _STEP.set(GenerationStep(step + 1, width, kv, rows))
-            if kv:
-                logits, cache = forward_logits(bridge, nxt[:, None], mask, cache, want_cache=True)
-            else:
-                seq = torch.cat([seq, nxt[:, None]], dim=1)
-                logits, _ = forward_logits(bridge, seq, mask)
-            nxt = logits.argmax(-1)
-        return torch.stack(out, dim=1), first_logits
-    finally:
-        _STEP.reset(token)
-
-
-def _as_set(prompts, label: str = "unlabelled") -> PromptSet:
-    """``as_prompt_set`` that also takes a plain list of :class:`Prompt` objects."""
-    if not isinstance(prompts, (PromptSet, str)):
-        prompts = list(prompts)
-        if prompts and all(isinstance(p, Prompt) for p in prompts):
-            prompts = PromptSet(prompts)
-    return as_prompt_set(prompts, label=label)
-
-
-def _check_common(max_new_tokens: int | None, batch_size: int) -> tuple[int | None, int]:
-    """``(max_new_tokens, batch_size)`` checked and as Python ints."""
-    return (check_int(max_new_tokens, "max_new_tokens", low=1, allow_none=True),
-            check_int(batch_size, "batch_size", low=1))
-
+# -- generation (the engine is :mod:`lens_safety.model.generation`) ---------------------------
 
 def _run_generation(model: SafetyModel, ps: PromptSet, *, max_new_tokens: int, batch_size: int,
                     system: str | None, chat: bool | None, fwd_hooks: Sequence = (),
                     progress: bool = True, desc: str = "generate") -> tuple[list[str], Tensor, list[list[int]]]:
-    """Completions, first-token scores and generated token ids (stop token excluded), in input order."""
-    formatted = model.format(ps, system=system, chat=chat)
-    lengths = model.tokenize(formatted, chat=chat)["attention_mask"].sum(1).cpu()  # validates lengths
-    # Longest first: similar lengths share a batch (less padding) and memory peaks early.
-    order = torch.argsort(lengths, descending=True, stable=True).tolist()
-    stop = torch.tensor(_stop_ids(model), dtype=torch.long, device=model.device)
-    pad_id = model.tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = int(stop[0]) if len(stop) else 0
-    texts: list[str] = [""] * len(ps)
-    tokens: list[list[int]] = [[] for _ in ps]
-    stop_set = set(stop.tolist())
-    rt = RefusalTokens.from_tokenizer(model.tokenizer)
-    scores = torch.empty(len(ps), dtype=torch.float32)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(ps), desc=f"{desc} {model.name}", unit="prompt")
-    hooks = list(fwd_hooks)
-    ctx = model.bridge.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext()
-    with ctx, _kv_cache_shim(model.bridge):
-        for start in range(0, len(ps), batch_size):
-            rows = order[start:start + batch_size]
-            enc = model.tokenize([formatted[i] for i in rows], chat=chat)
-            toks, first = _greedy_batch(model, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                                        stop, pad_id, rows)
-            scores[rows] = rt.score(first).cpu()
-            for r, row in zip(rows, toks.tolist()):
-                cut = next((j for j, t in enumerate(row) if t in stop_set), len(row))
-                tokens[r] = row[:cut]
-                texts[r] = model.tokenizer.decode(row[:cut], skip_special_tokens=True)
-            if bar is not None:
-                bar.update(len(rows))
-    if bar is not None:
-        bar.close()
-    return texts, scores, tokens
-
-
-def generate(model: SafetyModel, prompts: PromptSet | Sequence[str], *, max_new_tokens: int = 48,
-             batch_size: int = 16, system: str | None = None, chat: bool | None = None,
-             fwd_hooks: Sequence = (), progress: bool = True) -> list[str]:
-    """Greedy completions (special tokens stripped), in input order.
-
-    Prompts are formatted with ``model.format`` (chat template by default), sorted by length
-    and run in left-padded batches with the ``attention_mask`` always passed; a batch stops
-    when every row has emitted an end-of-turn token. Decoding uses a KV cache (only the
-    newest position is run after the prompt pass) where the bridge supports one, else it
-    recomputes the whole sequence each step.
-
-    ``fwd_hooks``: ``[(hook_name, fn)]`` TransformerLens hooks active for every forward
-    pass of the generation -- the prompt pass *and* each decoding step. With the KV cache,
-    the prompt pass is the only one whose tensors have ``shape[1] > 1``; in general call
-    :func:`generation_step` inside the hook: ``s.step == 0`` is the prompt pass and the last
-    prompt position is ``s.prompt_len - 1`` (left padding puts it last in that pass). A
-    hook that edits the last prompt position on the prompt pass only::
-
-        def graft(t, hook):
-            if ls.refusal.generation_step().step == 0:
-                t[:, -1] = new_state
-            return t
-
-    (Without a KV cache later passes recompute the prompt, so such a hook should edit
-    ``t[:, s.prompt_len - 1]`` on every pass.) Batches are sorted by length: row ``j`` of
-    a batch is prompt ``s.rows[j]``, for hooks that edit each prompt differently.
-
-    >>> from lens_safety.model.testing import tiny_model
-    >>> out = generate(tiny_model(), ["Hi"], max_new_tokens=3, progress=False)
-    >>> len(out), isinstance(out[0], str)
-    (1, True)
-    """
-    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size)
-    ps = _as_set(prompts)
-    texts, _, _ = _run_generation(model, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                  system=system, chat=chat, fwd_hooks=fwd_hooks, progress=progress)
-    return texts
+    """Completions, first-token :class:`RefusalTokens` scores and generated token ids (stop token
+    excluded), in input order: one greedy generation whose prompt pass also gives the scores."""
+    return run_generation(model, ps, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system,
+                          chat=chat, fwd_hooks=fwd_hooks, progress=progress, desc=desc,
+                          score_first=RefusalTokens.from_tokenizer(model.tokenizer).score)
 
 
 @torch.no_grad()
@@ -404,12 +241,11 @@ def first_token_scores(model: SafetyModel, prompts: PromptSet | Sequence[str], *
     >>> first_token_scores(tiny_model(), ["Hi", "Bake bread"]).shape
     torch.Size([2])
     """
-    _, batch_size = _check_common(None, batch_size)
-    ps = _as_set(prompts)
+    _, batch_size = check_decoding(None, batch_size)
+    ps = to_prompt_set(prompts)
     rt = tokens or RefusalTokens.from_tokenizer(model.tokenizer)
     formatted = model.format(ps, system=system, chat=chat)
-    lengths = model.tokenize(formatted, chat=chat)["attention_mask"].sum(1).cpu()
-    order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    order = length_order(model, formatted, chat)
     out = torch.empty(len(ps), dtype=torch.float32)
     hooks = list(fwd_hooks)
     ctx = model.bridge.hooks(fwd_hooks=hooks) if hooks else contextlib.nullcontext()
@@ -696,8 +532,7 @@ def _generate_sharded(model: SafetyModel, ps: PromptSet, *, max_new_tokens: int,
         texts, scores, _ = _run_generation(model, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                            system=system, chat=chat, progress=progress, desc="refusal")
         return texts, scores
-    lengths = model.tokenize(model.format(ps, system=system, chat=chat), chat=chat)["attention_mask"].sum(1).cpu()
-    order = torch.argsort(lengths, descending=True, stable=True).tolist()  # as _run_generation orders them
+    order = length_order(model, model.format(ps, system=system, chat=chat), chat)  # as _run_generation orders them
     batches = [order[i:i + batch_size] for i in range(0, len(ps), batch_size)]
     mine = sorted(i for b in batches[parallel.process_index()::n_proc] for i in b)
     local: list[tuple[int, str, float]] = []
@@ -745,8 +580,8 @@ def evaluate_refusal(model: SafetyModel, prompts: PromptSet | Sequence[str], max
     >>> r.refused.dtype, len(r.completions), r.config["judge"].split(":")[0]
     (dtype('bool'), 1, 'calibrated')
     """
-    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size)
-    ps = _as_set(prompts)
+    max_new_tokens, batch_size = check_decoding(max_new_tokens, batch_size)
+    ps = to_prompt_set(prompts)
     j = as_judge(judge, model)
     formatting = model.formatting_key(system=system, chat=chat)
     rt = RefusalTokens.from_tokenizer(model.tokenizer)
@@ -875,263 +710,3 @@ def attack_success(plain: RefusalResult, jailbroken: RefusalResult):
     return pd.DataFrame(out, columns=ASR_COLUMNS)
 
 
-# -- effective jailbreak pairs -------------------------------------------------------------
-
-#: Default minimum first-token score gap ``plain_score - jailbroken_score`` (logits) of a kept pair.
-MIN_GAP = 1.0
-DROPPED_COLUMNS = ["request", "method", "reason", "gap", "outcome", "plain_score", "jailbroken_score",
-                   "jailbroken_completion"]
-
-
-@dataclass(frozen=True)
-class JailbreakPair:
-    """A request refused when plain and complied with when wrapped by ``method``.
-
-    ``plain_score`` / ``jailbroken_score``: the first-token score of :class:`RefusalTokens`
-    at the last prompt position (default mode ``"margin"``: the largest refusal-start logit
-    minus the largest other logit, in logits; piecewise linear with kinks where the top
-    token changes, not a log-odds). :attr:`gap` is ``plain_score - jailbroken_score``.
-    """
-
-    request: str
-    method: str
-    plain: Prompt
-    jailbroken: Prompt
-    plain_completion: str
-    jailbroken_completion: str
-    plain_score: float
-    jailbroken_score: float
-
-    @property
-    def gap(self) -> float:
-        return float(self.plain_score) - float(self.jailbroken_score)
-
-
-class PairSet(Sequence[JailbreakPair]):
-    """Effective jailbreak pairs of one model, with the ASR table and the dropped candidates.
-
-    ``asr``: the :func:`attack_success` table. ``dropped``: one row per wrapped prompt of a
-    plain-refused request that did not become a pair (columns ``request, method, reason, gap,
-    outcome, plain_score, jailbroken_score, jailbroken_completion``; reasons ``"refused"``,
-    ``"unengaged"``, ``"gap below min_gap"``). ``config``: how the pairs were made --
-    ``formatting`` (``model.formatting_key``: chat, system, template hash), ``positions``
-    (``"last"``: scores read at the last prompt position), ``score_mode``, ``refusal_tokens``,
-    ``judge`` (identity), ``min_gap``, ``max_new_tokens``, ``methods``. May be empty (no
-    jailbreak worked); consumers that need pairs raise on an empty set.
-    """
-
-    def __init__(self, pairs: Iterable[JailbreakPair], *, model_name: str, weights_hash: str,
-                 asr=None, config: dict[str, Any] | None = None, dropped=None) -> None:
-        import pandas as pd
-
-        self._pairs = tuple(pairs)
-        for p in self._pairs:
-            if not isinstance(p, JailbreakPair):
-                raise InputError(f"PairSet holds JailbreakPair objects, got {type(p).__name__}.")
-        self.model_name = model_name
-        self.weights_hash = weights_hash
-        self.asr = asr if asr is not None else pd.DataFrame(columns=ASR_COLUMNS)
-        self.dropped = dropped if dropped is not None else pd.DataFrame(columns=DROPPED_COLUMNS)
-        self.config = dict(config or {})
-
-    def __len__(self) -> int:
-        return len(self._pairs)
-
-    def _like(self, pairs) -> PairSet:
-        return PairSet(pairs, model_name=self.model_name, weights_hash=self.weights_hash, asr=self.asr,
-                       config=self.config, dropped=self.dropped)
-
-    def __getitem__(self, idx):  # type: ignore[override]
-        if isinstance(idx, slice):
-            return self._like(self._pairs[idx])
-        return self._pairs[idx]
-
-    def __iter__(self) -> Iterator[JailbreakPair]:
-        return iter(self._pairs)
-
-    def __repr__(self) -> str:
-        methods: dict[str, int] = {}
-        for p in self._pairs:
-            methods[p.method] = methods.get(p.method, 0) + 1
-        return (f"PairSet(n={len(self)}, dropped={len(self.dropped)}, methods={methods}, "
-                f"model={self.model_name!r})")
-
-    @property
-    def methods(self) -> list[str]:
-        return sorted({p.method for p in self._pairs})
-
-    @property
-    def gaps(self) -> np.ndarray:
-        """``plain_score - jailbroken_score`` per pair (float64)."""
-        return np.array([p.gap for p in self._pairs], dtype=np.float64)
-
-    @property
-    def plain(self) -> PromptSet:
-        """The plain prompts, one per pair, in pair order."""
-        return PromptSet([p.plain for p in self._pairs], name="plain")
-
-    @property
-    def jailbroken(self) -> PromptSet:
-        """The wrapped prompts, one per pair, in pair order."""
-        return PromptSet([p.jailbroken for p in self._pairs], name="jailbroken")
-
-    def filter(self, method: str | None = None) -> PairSet:
-        return self._like([p for p in self._pairs if method is None or p.method == method])
-
-    def to_frame(self):
-        """One row per pair: request, method, both texts, completions, scores and the gap."""
-        import pandas as pd
-
-        cols = ["request", "method", "plain_text", "jailbroken_text", "plain_completion",
-                "jailbroken_completion", "plain_score", "jailbroken_score", "gap"]
-        return pd.DataFrame([{"request": p.request, "method": p.method, "plain_text": p.plain.text,
-                              "jailbroken_text": p.jailbroken.text, "plain_completion": p.plain_completion,
-                              "jailbroken_completion": p.jailbroken_completion, "plain_score": p.plain_score,
-                              "jailbroken_score": p.jailbroken_score, "gap": p.gap} for p in self._pairs],
-                            columns=cols)
-
-    def plot(self, ax=None):
-        """Score gaps of kept and dropped candidates per method
-        (:func:`~lens_safety.behaviour.figures.pair_gap_figure`)."""
-        from . import figures as viz
-
-        return viz.pair_gap_figure(self, ax=ax)
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the pairs as a :mod:`lens_safety.core.store` artifact (JSON; no pickle)."""
-        meta = {"model_name": self.model_name, "weights_hash": self.weights_hash, "config": self.config,
-                "asr": json.loads(self.asr.to_json(orient="records")),
-                "dropped": json.loads(self.dropped.to_json(orient="records")),
-                "pairs": [{"request": p.request, "method": p.method, "plain": _prompt_to_json(p.plain),
-                           "jailbroken": _prompt_to_json(p.jailbroken), "plain_completion": p.plain_completion,
-                           "jailbroken_completion": p.jailbroken_completion,
-                           "plain_score": float(p.plain_score), "jailbroken_score": float(p.jailbroken_score)}
-                          for p in self._pairs]}
-        return write_artifact(directory, kind="PairSet", schema_version=SCHEMA_VERSION, meta=meta)
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> PairSet:
-        """Load what :meth:`save` wrote; :class:`CacheError` if it is missing, edited or truncated."""
-        import pandas as pd
-
-        _, doc = read_artifact(directory, kind="PairSet", schema_version=SCHEMA_VERSION, framework="numpy")
-        try:
-            pairs = [JailbreakPair(d["request"], d["method"], Prompt(**d["plain"]), Prompt(**d["jailbroken"]),
-                                   d["plain_completion"], d["jailbroken_completion"], float(d["plain_score"]),
-                                   float(d["jailbroken_score"])) for d in doc["pairs"]]
-            asr = pd.DataFrame(doc["asr"], columns=ASR_COLUMNS)
-            dropped = pd.DataFrame(doc["dropped"], columns=DROPPED_COLUMNS)
-            return cls(pairs, model_name=doc["model_name"], weights_hash=doc["weights_hash"], asr=asr,
-                       config=doc.get("config", {}), dropped=dropped)
-        except (KeyError, TypeError, ValueError, InputError) as e:
-            raise CacheError(f"{directory}: saved PairSet is malformed ({e}); delete it and recompute.") from e
-
-
-def _resolve_methods(methods: str | Sequence[str]) -> list[str]:
-    from ..inputs.jailbreaks import jailbreak_methods
-
-    known = [getattr(m, "name", m) for m in jailbreak_methods()]
-    if isinstance(methods, str):
-        methods = known if methods == "all" else [methods]
-    methods = [getattr(m, "name", m) for m in methods]
-    if not methods:
-        raise InputError("methods is empty; pass at least one jailbreak method, or 'all'.")
-    for m in methods:
-        if m not in known:
-            raise UnknownNameError(f"Unknown jailbreak method {m!r}. Known: {', '.join(known)}.")
-    return methods
-
-
-def jailbreak_pairs(model: SafetyModel, harmful: PromptSet | Sequence[str],
-                    methods: str | Sequence[str] = ("prefix_injection",), *, max_new_tokens: int = 48,
-                    batch_size: int = 16, n: int | None = None, seed: int = 0, system: str | None = None,
-                    chat: bool | None = None, cache: bool | str | os.PathLike = True,
-                    progress: bool = True, judge: Judge | Callable | str | None = None,
-                    min_gap: float = MIN_GAP) -> PairSet:
-    """Effective jailbreak pairs: requests refused when plain and complied with when wrapped.
-
-    Evaluates the plain requests (a seeded sample of ``n`` if given) and wraps those whose
-    outcome is ``"refused"`` with each method (``ls.jailbreak``; ``methods="all"`` for every
-    method). A wrapped prompt becomes a pair only when
-
-    1. its outcome is ``"complied"`` (not ``"refused"``, not ``"unengaged"``: "I understand."
-       or an unrelated reply to an encoded request is no jailbreak), and
-    2. its first-token score gap ``plain_score - jailbroken_score >= min_gap`` (logits; default
-       :data:`MIN_GAP` = 1.0). The score is the max-logit margin of :class:`RefusalTokens`, so
-       a gap near zero or negative means the wrapped run starts its reply as much like a
-       refusal as the plain run ("As DAN, ..."): such a pair carries no refusal signal for
-       activation patching and would distort its normalised recovery.
-
-    Other candidates are listed in ``.dropped`` with the reason. ``.asr`` holds the
-    :func:`attack_success` table (over plain-refused requests). ``judge`` as in
-    :func:`evaluate_refusal`; results are cached through it.
-
-    Data-parallel: under ``accelerate launch --multi_gpu --num_processes N script.py`` (or
-    ``torchrun --nproc_per_node N``) every :func:`evaluate_refusal` call here splits its
-    batches over the processes, and every process returns the same :class:`PairSet` as a
-    one-process run; the cache is written by the main process only.
-
-    >>> pairs = jailbreak_pairs(model, ls.load_prompts("harmbench"), ["prefix_injection"], n=32)  # doctest: +SKIP
-    >>> pairs.dropped[["method", "reason"]].value_counts()  # doctest: +SKIP
-    """
-    import pandas as pd
-
-    max_new_tokens, batch_size = _check_common(max_new_tokens, batch_size)
-    min_gap = check_number(min_gap, "min_gap", hint=f"logits, e.g. {MIN_GAP}")
-    method_list = _resolve_methods(methods)
-    harmful = _as_set(harmful, label="harmful")
-    n = check_int(n, "n", low=1, allow_none=True)
-    if n is not None:
-        harmful = harmful.sample(min(n, len(harmful)), seed=seed)
-    from ..inputs.jailbreaks import jailbreak
-
-    j = as_judge(judge, model)
-    kw = {"max_new_tokens": max_new_tokens, "batch_size": batch_size, "system": system, "chat": chat,
-          "cache": cache, "progress": progress, "judge": j}
-    plain = evaluate_refusal(model, harmful, **kw)
-    refused_idx = np.flatnonzero(plain.outcomes == "refused")
-    wrapped: dict[str, RefusalResult] = {}
-    if len(refused_idx):
-        refused = plain.subset(refused_idx)
-        for method in method_list:
-            wrapped[method] = evaluate_refusal(model, jailbreak(refused.prompts, method), **kw)
-    pairs, dropped, frames = _build_pairs(plain, wrapped, min_gap)
-    asr = pd.concat(frames, ignore_index=True) if frames else None
-    rt = RefusalTokens.from_tokenizer(model.tokenizer)
-    config = {"methods": method_list, "n_requests": len(plain), "n_plain_refused": int(len(refused_idx)),
-              "max_new_tokens": max_new_tokens, "formatting": model.formatting_key(system=system, chat=chat),
-              "positions": "last", "score_mode": rt.mode, "refusal_tokens": _tokens_hash(rt),
-              "judge": j.identity, "min_gap": float(min_gap), "n_kept": len(pairs), "n_dropped": len(dropped)}
-    return PairSet(pairs, model_name=model.name, weights_hash=model.weights_hash, asr=asr, config=config,
-                   dropped=pd.DataFrame(dropped, columns=DROPPED_COLUMNS))
-
-
-def _build_pairs(plain: RefusalResult, wrapped: dict[str, RefusalResult], min_gap: float
-                 ) -> tuple[list[JailbreakPair], list[dict[str, Any]], list]:
-    """Kept pairs, dropped candidates and ASR frames from judged results (the rules of
-    :func:`jailbreak_pairs`); wrapped prompts of requests not refused plain are ignored."""
-    refused_idx = np.flatnonzero(plain.outcomes == "refused")
-    plain_by_request = {p.plain_request: i for i, p in enumerate(plain.prompts)}
-    refused_requests = {plain.prompts[i].plain_request for i in refused_idx}
-    pairs: list[JailbreakPair] = []
-    dropped: list[dict[str, Any]] = []
-    frames = []
-    if not len(refused_idx):
-        return pairs, dropped, frames
-    refused = plain.subset(refused_idx)
-    for method, res in wrapped.items():
-        res = res.subset([k for k, p in enumerate(res.prompts) if p.plain_request in refused_requests])
-        frames.append(attack_success(refused, res))
-        for jp, comp, outcome, score in zip(res.prompts, res.completions, res.outcomes, res.score):
-            i = plain_by_request[jp.plain_request]
-            pair = JailbreakPair(jp.plain_request, method, plain.prompts[i], jp, plain.completions[i],
-                                 comp, float(plain.score[i]), float(score))
-            reason = (str(outcome) if outcome != "complied"
-                      else "gap below min_gap" if pair.gap < min_gap else None)
-            if reason is None:
-                pairs.append(pair)
-            else:
-                dropped.append({"request": pair.request, "method": method, "reason": reason, "gap": pair.gap,
-                                "outcome": str(outcome), "plain_score": pair.plain_score,
-                                "jailbroken_score": pair.jailbroken_score, "jailbroken_completion": comp})
-    return pairs, dropped, frames

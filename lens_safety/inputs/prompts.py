@@ -99,9 +99,10 @@ class PromptSet(Sequence[Prompt]):
         if not columns:
             raise InputError(f"{p} has no header row; the first line must name the columns.")
         rows = ((i + 2, row) for i, row in enumerate(reader))  # line 1 is the header
-        return _build(rows, columns, where=str(p), text_column=text_column, label=label,
-                      label_column=label_column, category=category, category_column=category_column,
-                      source=source or p.name, licence=licence, name=name or p.stem, skip_empty=skip_empty)
+        prompts = _prompts_from_rows(rows, columns, where=str(p), text_column=text_column, label=label,
+                                     label_column=label_column, category=category, category_column=category_column,
+                                     source=source or p.name, licence=licence, skip_empty=skip_empty)
+        return PromptSet(prompts, name=name or p.stem)
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike, text_column: str, *, label: str | None = None,
@@ -125,9 +126,10 @@ class PromptSet(Sequence[Prompt]):
         if not rows:
             raise InputError(f"{p} holds no JSON objects; expected one object per line.")
         columns = list(dict.fromkeys(k for _, obj in rows for k in obj))
-        return _build(rows, columns, where=str(p), text_column=text_column, label=label,
-                      label_column=label_column, category=category, category_column=category_column,
-                      source=source or p.name, licence=licence, name=name or p.stem, skip_empty=skip_empty)
+        prompts = _prompts_from_rows(rows, columns, where=str(p), text_column=text_column, label=label,
+                                     label_column=label_column, category=category, category_column=category_column,
+                                     source=source or p.name, licence=licence, skip_empty=skip_empty)
+        return PromptSet(prompts, name=name or p.stem)
 
     @classmethod
     def from_txt(cls, path: str | os.PathLike, *, label: str, source: str | None = None,
@@ -166,10 +168,12 @@ class PromptSet(Sequence[Prompt]):
             feat = getattr(ds, "features", {}).get(label_column)
             if feat is not None and hasattr(feat, "int2str"):
                 rows = ((i, {**row, label_column: feat.int2str(row[label_column])}) for i, row in rows)
-        return _build(rows, columns, where=f"dataset {ds_name or '(unnamed)'}", text_column=text_column,
-                      label=label, label_column=label_column, category=category,
-                      category_column=category_column, source=source or ds_name or "huggingface dataset",
-                      licence=licence, name=name or ds_name, skip_empty=skip_empty, row_word="row")
+        prompts = _prompts_from_rows(rows, columns, where=f"dataset {ds_name or '(unnamed)'}",
+                                     text_column=text_column, label=label, label_column=label_column,
+                                     category=category, category_column=category_column,
+                                     source=source or ds_name or "huggingface dataset", licence=licence,
+                                     skip_empty=skip_empty, row_word="row")
+        return PromptSet(prompts, name=name or ds_name)
 
     # -- sequence protocol ------------------------------------------------------------
     def __len__(self) -> int:
@@ -331,10 +335,10 @@ def _decode_utf8(data: bytes, where: str) -> str:
     return text
 
 
-def _build(rows: Iterable[tuple[int, Mapping]], columns: list[str], *, where: str, text_column: str,
-           label: str | None, label_column: str | None, category: str, category_column: str | None,
-           source: str, licence: str, name: str, skip_empty: bool, row_word: str = "line") -> PromptSet:
-    """Turn ``(row number, mapping)`` rows into a PromptSet, checking the named columns exist."""
+def _prompts_from_rows(rows: Iterable[tuple[int, Mapping]], columns: list[str], *, where: str, text_column: str,
+                       label: str | None, label_column: str | None, category: str, category_column: str | None,
+                       source: str, licence: str, skip_empty: bool, row_word: str = "line") -> list[Prompt]:
+    """Turn ``(row number, mapping)`` rows into prompts (at least one), checking the named columns exist."""
     if (label is None) == (label_column is None):
         raise InputError("Pass exactly one of label= (one label for every row) or label_column= "
                          f"(a column holding each row's label); got label={label!r}, "
@@ -370,7 +374,7 @@ def _build(rows: Iterable[tuple[int, Mapping]], columns: list[str], *, where: st
                           meta={"row": n}))
     if not out:
         raise InputError(f"{where} has no rows with text in column {text_column!r}.")
-    return PromptSet(out, name=name)
+    return out
 
 
 # -- built-in sets ----------------------------------------------------------------------

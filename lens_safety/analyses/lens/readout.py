@@ -1,7 +1,8 @@
-"""Read-out primitives shared by the logit lens (:mod:`lens_safety.analyses.lens.logit`) and the tuned lens
-(:mod:`lens_safety.analyses.lens.tuned`): decoding raw residuals into logits, and the checks on residuals.
+"""Read-out primitives shared by the logit lens (:mod:`lens_safety.analyses.lens.logit`), logit grafting
+(:mod:`lens_safety.analyses.lens.graft`) and the tuned lens (:mod:`lens_safety.analyses.lens.tuned`): decoding
+raw residuals into logits, the checks on residuals, and the prompts of a saved lens or graft result.
 
-A low module: it imports neither lens module, so both build on it without an import cycle.
+A low module: it imports none of the lens modules, so they all build on it without an import cycle.
 
 >>> import torch, lens_safety as ls
 >>> model = ls.testing.tiny_model()
@@ -11,13 +12,16 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ...core.errors import InputError, ModelMismatchError
+from ...core.errors import CacheError, InputError, ModelMismatchError
 from ...core.validation import check_finite
-from ...inputs.prompts import PromptSet
+from ...inputs.prompts import Prompt, PromptSet
 
 __all__ = ["lens_logits"]
 
@@ -56,3 +60,22 @@ def _check_residuals_any(model, res) -> None:
     _check_finite(res.values, f"residuals ({res.model_name}, {len(res)} prompts)")
 
 
+# -- persistence of the prompts of a saved result ------------------------------------------------------
+
+#: Schema of the :class:`~lens_safety.analyses.lens.logit.LensResult` and
+#: :class:`~lens_safety.analyses.lens.graft.GraftResult` artifacts.
+SCHEMA_VERSION = 1
+
+
+def _prompts_to_json(ps: PromptSet) -> dict[str, Any]:
+    """A saved result's prompts (JSON), with their set name and hash."""
+    from ...capture import _prompt_to_json
+
+    return {"prompts_name": ps.name, "prompts_hash": ps.hash(), "prompts": [_prompt_to_json(p) for p in ps]}
+
+
+def _prompts_from_json(meta: Mapping[str, Any], directory) -> PromptSet:
+    ps = PromptSet([Prompt(**d) for d in meta["prompts"]], meta.get("prompts_name", ""))
+    if ps.hash() != meta["prompts_hash"]:
+        raise CacheError(f"{directory}: the stored prompts do not match their hash; delete it and recompute.")
+    return ps

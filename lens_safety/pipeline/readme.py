@@ -1,0 +1,195 @@
+"""The README's measured block, generated from a run's ``metrics.json``, and the small formatters the report
+shares with it.
+
+``python -m lens_safety.pipeline.readme OUT/metrics.json README.md`` writes the block between the README's
+``<!-- metrics:begin -->`` / ``<!-- metrics:end -->`` markers (``--check``: exit 1 when it is out of date).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import InputError
+from ..core.store import read_json
+from .config import DEFAULT_N
+from .verdicts import is_missing
+
+__all__ = ["readme_table", "update_readme", "fmt", "ci_text", "graft_earliest_text", "main"]
+
+
+def fmt(x: Any, digits: int = 2) -> str:
+    if is_missing(x):
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+README_BEGIN, README_END = "<!-- metrics:begin -->", "<!-- metrics:end -->"
+
+
+def ci_text(lo: Any, hi: Any, digits: int = 3) -> str:
+    if is_missing(lo) or is_missing(hi):
+        return ""
+    if isinstance(lo, float) or isinstance(hi, float):
+        return f" (CI {lo:.{digits}f}-{hi:.{digits}f})"
+    return f" (CI {lo}-{hi})"
+
+
+def graft_earliest_text(ec: dict[str, Any]) -> str:
+    """The earliest grafted layer (final excluded) where most refused requests comply, with the Wilson CI.
+
+    >>> graft_earliest_text({"layer": 12, "n_flipped": 9, "n_refused": 12, "frac": 0.75, "ci_low": 0.468,
+    ...                       "ci_high": 0.911})
+    '12 (9 of 12 complied: 0.75, CI 0.47-0.91)'
+    >>> graft_earliest_text({"layer": None, "n_flipped": 2, "n_refused": 12, "frac": 1 / 6, "ci_low": 0.047,
+    ...                       "ci_high": 0.448, "most_flips_layer": 16})
+    'none (most at layer 16: 2 of 12 complied: 0.17, CI 0.05-0.45)'
+    """
+    if not ec:
+        return "n/a"
+    lo, hi = ec.get("ci_low"), ec.get("ci_high")
+    ci = "" if is_missing(lo) or is_missing(hi) else f", CI {lo:.2f}-{hi:.2f}"
+    counts = f"{ec.get('n_flipped')} of {ec.get('n_refused')} complied: {fmt(ec.get('frac'))}{ci}"
+    if ec.get("layer") is not None:
+        return f"{ec['layer']} ({counts})"
+    if ec.get("most_flips_layer") is None:
+        return "none"
+    return f"none (most at layer {ec['most_flips_layer']}: {counts})"
+
+
+def readme_table(metrics: dict[str, Any]) -> str:
+    """The README's "measured" block (Markdown) rendered from a run's ``metrics.json`` dict.
+
+    >>> print(readme_table({"headline": {"model": "m", "refusal_rate": {"harmbench": 0.5},
+    ...                                  "rates_ci": {"harmbench": {"refusal": [0.3, 0.7]}}}, "verdicts": {},
+    ...                     "config": {"quick": False, "n": None, "n_eval": 24}}).splitlines()[4])
+    | refusal rate (judged refused) | harmbench 0.500 (CI 0.300-0.700) |
+    """
+    h = metrics.get("headline", {})
+    cfg = metrics.get("config", {})
+    rows: list[tuple[str, str]] = []
+    rates_ci = h.get("rates_ci") or {}
+    for key, label, ci_key in (("refusal_rate", "refusal rate (judged refused)", "refusal"),
+                               ("compliance_rate", "compliance rate (judged complied)", "compliance"),
+                               ("unengaged_rate", "unengaged rate (no answer at all)", "unengaged")):
+        if h.get(key):
+            cis = {k: (rates_ci.get(k) or {}).get(ci_key) or [None, None] for k in h[key]}
+            rows.append((label, ", ".join(f"{k} {v:.3f}" + ci_text(*cis[k]) for k, v in h[key].items()
+                                          if not is_missing(v))))
+    if h.get("attack_success_rate"):
+        asr_ci = h.get("attack_success_rate_ci") or {}
+        rows.append(("attack success rate (complied, of requests refused plain)",
+                     ", ".join(f"{k} {v:.2f}" + ci_text(*(asr_ci.get(k) or [None, None]), digits=2)
+                               for k, v in h["attack_success_rate"].items() if not is_missing(v))))
+    if h.get("n_effective_pairs") is not None:
+        dropped = h.get("n_dropped_pairs")
+        rows.append(("effective jailbreak pairs", str(h["n_effective_pairs"])
+                     + ("" if dropped is None else f" ({dropped} candidates dropped)")))
+    if h.get("judge_agreement"):
+        rows.append(("judge agreement", ", ".join(f"{k.replace('~', ' vs ')} {v:.2f}"
+                                                  for k, v in h["judge_agreement"].items())))
+    best = h.get("probe_best")
+    if best:
+        rows.append(("2-way probe, best layer", f"{best['layer']}: {best['accuracy']:.3f}"
+                     + ci_text(best.get("ci_low"), best.get("ci_high"))))
+    first = h.get("probe_first_layer_095")
+    ci = h.get("probe_first_layer_095_ci") or [None, None]
+    if "probe_first_layer_095" in h:
+        rows.append(("2-way probe, first layer >= 0.95", "never" if first is None else f"{first}{ci_text(*ci)}"))
+    gbest = h.get("probe_best_generic")
+    if gbest:
+        rows.append(("2-way probe vs generic harmless, best layer", f"{gbest['layer']}: {gbest['accuracy']:.3f}"
+                     + ci_text(gbest.get("ci_low"), gbest.get("ci_high"))))
+        g1 = h.get("probe_first_layer_095_generic")
+        rows.append(("2-way probe vs generic harmless, first layer >= 0.95", "never" if g1 is None else str(g1)))
+    if h.get("probe_layer0_accuracy") is not None:
+        rows.append(("2-way probe, layer 0 (embedding)", f"{h['probe_layer0_accuracy']:.3f}"))
+    if h.get("emergence_layer"):
+        rows.append(("lens: refusal emerges at layer", ", ".join(
+            f"{k} {'never' if is_missing(v) else v}" for k, v in h["emergence_layer"].items())))
+    if h.get("emergence_layer_tuned"):
+        rows.append(("tuned lens: refusal emerges at layer", ", ".join(
+            f"{k} {'never' if is_missing(v) else v}" for k, v in h["emergence_layer_tuned"].items())))
+    for key, b in (h.get("break_layers_ci") or {}).items():
+        rows.append((f"break layer {key}",
+                     "none" if b is None else f"{b['layer']}{ci_text(b['ci_low'], b['ci_high'])}"))
+    if h.get("graft_best_layer") is not None:
+        # runs (or cached graft stages) from before the earliest-compliance layer counted the final layer
+        where = "a non-final layer" if h.get("graft_earliest_compliance") else "any layer, the final one included"
+        rows.append(("grafting: largest refusal drop", f"layer {h['graft_best_layer']} "
+                     f"(at most {h.get('graft_max_complied')} of {h.get('graft_n_prompts')} complied at {where})"))
+    if h.get("graft_earliest_compliance"):
+        rows.append(("grafting: earliest layer where most refused requests comply",
+                     graft_earliest_text(h["graft_earliest_compliance"])))
+    d = h.get("direction")
+    if d:
+        def rate(*keys, sep=" -> "):
+            return sep.join("n/a" if is_missing(d.get(k)) else
+                            f"{d[k]:.3f}" + ci_text(*(d.get(f"{k}_ci") or [None] * 2)) for k in keys)
+
+        rows.append(("refusal direction (layer, position)", f"{d['layer']}, {d['position']} "
+                     f"(best of {d.get('n_candidates')} candidates"
+                     + ("" if d.get("filters_passed", True) else "; no candidate passed every filter") + ")"))
+        rows.append((f"harmbench refusal: plain -> direction ablated (n={d.get('n_eval_harmful')})",
+                     rate("harmful_refusal_plain", "harmful_refusal_ablated")
+                     + ("" if is_missing(d.get("harmful_refusal_orthogonalized")) else
+                        f" (orthogonalised weights: {d['harmful_refusal_orthogonalized']:.3f})")))
+        if not is_missing(d.get("harmful_compliance_ablated")):
+            rows.append(("harmbench, direction ablated: compliance / unengaged",
+                         rate("harmful_compliance_ablated", "harmful_unengaged_ablated", sep=" / ")))
+        rows.append(("harmless next-token KL, direction ablated", rate("harmless_kl_ablated")))
+        rows.append((f"harmless refusal: plain -> direction added x{d.get('addition_coeff'):g} "
+                     f"(n={d.get('n_eval_harmless')})", rate("harmless_refusal_plain", "harmless_refusal_added")))
+        if not is_missing(d.get("borderline_refusal_plain")):
+            rows.append(("borderline refusal: plain -> direction added",
+                         rate("borderline_refusal_plain", "borderline_refusal_added")))
+    for key, v in (metrics.get("verdicts") or {}).items():
+        rows.append((f"verdict {key.replace('_', ' ')}", v["status"]))
+    run = "quick" if cfg.get("quick") else "full"
+    lines = [f"Model `{h.get('model')}`, {run} run (prompts per set: {cfg.get('n') or DEFAULT_N}, "
+             f"generation per set: {cfg.get('n_eval')}, reply tokens: {cfg.get('max_new_tokens', 24)}):", "",
+             "| measure | value |", "|---|---|"]
+    lines += [f"| {a} | {b} |" for a, b in rows]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(metrics_path: str | os.PathLike, readme_path: str | os.PathLike, *, check: bool = False) -> bool:
+    """Replace the block between ``<!-- metrics:begin -->`` and ``<!-- metrics:end -->`` in the
+    README by :func:`readme_table` of ``metrics_path``. Returns True when the README changed
+    (with ``check=True`` nothing is written)."""
+    text = Path(readme_path).read_text(encoding="utf-8")
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise InputError(f"{readme_path} must contain one {README_BEGIN} and one {README_END} line.")
+    head, rest = text.split(README_BEGIN)
+    _, tail = rest.split(README_END)
+    block = readme_table(read_json(metrics_path, what="metrics.json"))
+    new = f"{head}{README_BEGIN}\n{block}{README_END}{tail}"
+    if new != text and not check:
+        Path(readme_path).write_text(new, encoding="utf-8")
+    return new != text
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lens_safety.pipeline.readme",
+                                description="Write the README's measured table from a run's metrics.json "
+                                "(`lens-safety report OUT` re-renders a run's report).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("readme", help="write metrics.json's table into README.md between the metrics markers")
+    r.add_argument("metrics", help="a run's metrics.json")
+    r.add_argument("readme", help="README.md with <!-- metrics:begin --> / <!-- metrics:end --> markers")
+    r.add_argument("--check", action="store_true", help="only check: exit 1 if the README is out of date")
+    args = p.parse_args(argv)
+    changed = update_readme(args.metrics, args.readme, check=args.check)
+    print(f"{args.readme}: {'out of date' if args.check and changed else 'updated' if changed else 'up to date'}")
+    return 1 if args.check and changed else 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
