@@ -85,7 +85,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = ls.testing.tiny_model(n_layers=8, d_model=128) if args.tiny else ls.load_model()
     if args.pairs:
-        from lens_safety.refusal import PairSet
+        from lens_safety.behaviour.pairs import PairSet
 
         pairs = PairSet.load(args.pairs)[: args.n_pairs]
     else:

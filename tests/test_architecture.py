@@ -1,5 +1,6 @@
-"""Package architecture: the modules of lens_safety import each other without cycles, and one way down
-the floors (core < inputs < model < capture < behaviour < analyses < pipeline < cli).
+"""Package architecture: the modules of lens_safety import each other without cycles, one way down the
+floors (core < inputs < model < capture < behaviour < analyses < pipeline < cli), and use no private
+(``_name``) name of another floor's module.
 
 Every import statement counts, those inside functions too: a function-level import is what lets
 a cycle run (it only postpones the circular import to call time), so it is an edge like any other.
@@ -8,6 +9,7 @@ a cycle run (it only postpones the circular import to call time), so it is an ed
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,38 @@ def _modules(package: Path) -> dict[str, Path]:
     return found
 
 
+def _imports(package: Path, name: str = "lens_safety") -> Iterator[tuple[str, ast.Import | ast.ImportFrom, str]]:
+    """Every import of the package's own modules, wherever it is in a file: ``(module, node, target)`` with
+    ``target`` the dotted name inside the package that the statement names (``""``: the package itself; for
+    ``from x import a, b`` it is ``x``, which may be a module or a package holding ``a`` and ``b``)."""
+    for module, path in _modules(package).items():
+        here = module.split(".") if module != "__init__" else []
+        base = here if path.name == "__init__.py" else here[:-1]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    if node.level - 1 > len(base):
+                        raise AssertionError(f"{path}: relative import beyond the package (level {node.level}).")
+                    root = base[: len(base) - (node.level - 1)]
+                    yield module, node, ".".join(root + ([node.module] if node.module else []))
+                elif node.module == name:
+                    yield module, node, ""
+                elif node.module and node.module.startswith(name + "."):
+                    yield module, node, node.module[len(name) + 1:]
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name == name or alias.name.startswith(name + "."):
+                        yield module, node, alias.name[len(name) + 1:]
+
+
+def _owner(modules: dict[str, Path], dotted: str) -> str:
+    """The module of the package that holds ``dotted`` (itself, or the nearest enclosing module; the root
+    ``__init__`` when none)."""
+    while dotted and dotted not in modules:
+        dotted = dotted.rpartition(".")[0]
+    return dotted or "__init__"
+
+
 def import_graph(package: Path, name: str = "lens_safety") -> dict[str, set[str]]:
     """``module -> modules of the package it imports``, by dotted name inside the package (``__init__`` is the
     package itself, a subpackage is its ``__init__``).
@@ -50,40 +84,64 @@ def import_graph(package: Path, name: str = "lens_safety") -> dict[str, set[str]
     ``from .. import x`` and ``from . import x``, wherever they are in the file.
     """
     modules = _modules(package)
-
-    def resolve(dotted: str, names: list[str]) -> set[str]:
-        found = {f"{dotted}.{n}".lstrip(".") for n in names} & set(modules)  # from pkg import module
-        if found:
-            return found
-        while dotted and dotted not in modules:  # from pkg.mod import name (or a name of a re-export)
-            dotted = dotted.rpartition(".")[0]
-        return {dotted or "__init__"}
-
-    graph: dict[str, set[str]] = {}
-    for module, path in modules.items():
-        is_package = path.name == "__init__.py"
-        here = module.split(".") if module != "__init__" else []
-        base = here if is_package else here[:-1]
-        deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
-            if isinstance(node, ast.ImportFrom):
-                names = [a.name for a in node.names]
-                if node.level:
-                    if node.level - 1 > len(base):
-                        raise AssertionError(f"{path}: relative import beyond the package (level {node.level}).")
-                    root = base[: len(base) - (node.level - 1)]
-                    deps |= resolve(".".join(root + ([node.module] if node.module else [])), names)
-                elif node.module == name:
-                    deps |= resolve("", names)
-                elif node.module and node.module.startswith(name + "."):
-                    deps |= resolve(node.module[len(name) + 1:], names)
-            elif isinstance(node, ast.Import):
-                for alias in node.names:
-                    if alias.name.startswith(name + "."):
-                        deps |= resolve(alias.name[len(name) + 1:], [])
+    graph: dict[str, set[str]] = {module: set() for module in modules}
+    for module, node, target in _imports(package, name):
+        if isinstance(node, ast.ImportFrom):
+            names = [a.name for a in node.names]
+            found = {f"{target}.{n}".lstrip(".") for n in names} & set(modules)  # from pkg import module
+            graph[module] |= found or {_owner(modules, target)}  # else from pkg.mod import name
+        else:
+            graph[module].add(_owner(modules, target))
+    for module, deps in graph.items():
         deps.discard(module)
-        graph[module] = deps
     return graph
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _dotted(node: ast.expr) -> str | None:
+    """``a.b.c`` for a chain of attributes on a name, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
+def private_crossings(package: Path, name: str = "lens_safety") -> list[str]:
+    """Uses of another floor's private names: ``from <module> import _x`` and ``<module>._x`` (the module
+    bound by an import of the package) where ``<module>`` sits in another top-level subpackage than the
+    importing module. Dunder names (``__version__``) are not private."""
+    modules = _modules(package)
+    faults: set[str] = set()
+    bound: dict[str, dict[str, str]] = {}  # module -> local name -> dotted module name it is bound to
+
+    def check(module: str, source: str, attr: str, line: int) -> None:
+        if _private(attr) and floor(source) != floor(module):
+            faults.add(f"{module} (line {line}) uses {source}.{attr}")
+
+    for module, node, target in _imports(package, name):
+        names = bound.setdefault(module, {})
+        for alias in node.names:
+            if isinstance(node, ast.Import):
+                local = alias.asname or alias.name.partition(".")[0]
+                names[local] = target if alias.asname else ""
+            elif f"{target}.{alias.name}".lstrip(".") in modules:
+                names[alias.asname or alias.name] = f"{target}.{alias.name}".lstrip(".")
+            else:
+                check(module, _owner(modules, target), alias.name, node.lineno)
+    for module, path in modules.items():
+        names = bound.get(module, {})
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            chain = _dotted(node.value) if isinstance(node, ast.Attribute) else None
+            head, _, rest = (chain or "").partition(".")
+            if chain and head in names:
+                target = ".".join(p for p in (names[head], rest) if p)
+                if target in modules or target == "":
+                    check(module, target or "__init__", node.attr, node.lineno)
+    return sorted(faults)
 
 
 def import_cycles(graph: dict[str, set[str]]) -> list[tuple[list[str], set[str]]]:
@@ -207,6 +265,29 @@ def test_the_checker_ignores_names_and_other_packages(tmp_path):
     graph = import_graph(pkg)
     assert graph["a"] == {"__init__", "b"} and graph["b"] == {"__init__"}
     assert find_cycles(graph) == []
+
+
+def test_no_module_uses_another_floors_private_names():
+    crossings = private_crossings(PACKAGE)
+    assert not crossings, ("Private names used from another floor (make the name public in its module):\n"
+                           + "\n".join(crossings))
+
+
+def test_the_private_name_check_reads_imports_and_module_attributes(tmp_path):
+    pkg = _package(tmp_path, {"core/__init__.py": "from .store import _helper\n",
+                              "core/store.py": "_cache = {}\npublic = 1\ndef _helper():\n    pass\n",
+                              "core/stats.py": "from .store import _helper\nfrom . import store\nx = store._cache\n",
+                              "analyses/__init__.py": "from .. import __version__\n",
+                              "analyses/x.py": "from ..core.store import _helper, public\nfrom ..core import store\n"
+                                               "def f():\n    return store._cache, store.public, store.__name__\n",
+                              "analyses/y.py": "import lens_safety.core.store\nimport lens_safety.core.stats as st\n"
+                                               "a = lens_safety.core.store._cache\nb = st._x\n"
+                                               "from lens_safety.core import _helper\n"})
+    assert private_crossings(pkg) == ["analyses.x (line 1) uses core.store._helper",
+                                      "analyses.x (line 4) uses core.store._cache",
+                                      "analyses.y (line 3) uses core.store._cache",
+                                      "analyses.y (line 4) uses core.stats._x",
+                                      "analyses.y (line 5) uses core._helper"]
 
 
 def test_moved_names_stay_importable_from_their_old_modules():

@@ -119,6 +119,26 @@ def test_notebooks_are_committed_without_outputs():
         assert "import lens_safety as ls" in code[0].source
 
 
+def test_executed_copies_match_their_notebooks():
+    """notebooks/executed/ holds each notebook run on the real model (benchmarks/render_notebooks.py), for
+    readers who do not run it: the same code cells, every one executed without error, every figure shown."""
+    import nbformat
+
+    executed = Path(__file__).parent.parent / "notebooks" / "executed"
+    for path in NOTEBOOKS:
+        copy = executed / path.name
+        assert copy.is_file(), f"{copy} is missing: run python benchmarks/render_notebooks.py {path.stem}"
+        book, ran = nbformat.read(path, as_version=4), nbformat.read(copy, as_version=4)
+        code = [c.source for c in book.cells if c.cell_type == "code"]
+        assert [c.source for c in ran.cells if c.cell_type == "code"] == code, (
+            f"{copy.name} is stale: run python benchmarks/render_notebooks.py {path.stem}")
+        cells = [c for c in ran.cells if c.cell_type == "code"]
+        assert all(c.execution_count for c in cells), copy.name
+        assert not [o for c in cells for o in c.outputs if o.output_type == "error"], copy.name
+        missing = [c.source.splitlines()[-1] for c in plotting_cells(ran) if not has_image(c)]
+        assert not missing, f"{copy.name}: cells without a figure: {missing}"
+
+
 def test_notebooks_draw_and_assert():
     """Every notebook draws figures; 02, 04 and 05 check their own results with assert."""
     import nbformat

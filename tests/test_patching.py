@@ -196,8 +196,8 @@ def test_alignment_and_positions(tiny):
 
 
 def test_pairset_input_and_model_mismatch(tiny):
+    from lens_safety.behaviour.pairs import JailbreakPair, PairSet
     from lens_safety.prompts import Prompt
-    from lens_safety.refusal import JailbreakPair, PairSet
 
     jp = [
         JailbreakPair(
@@ -606,8 +606,8 @@ def test_normalisations_match_hand_computation(sharp):
 
 
 def _pairset(model, pairs, **config):
+    from lens_safety.behaviour.pairs import JailbreakPair, PairSet
     from lens_safety.prompts import Prompt
-    from lens_safety.refusal import JailbreakPair, PairSet
 
     jp = [JailbreakPair(p, "prefix_injection", Prompt(p, "harmful"),
                         Prompt(j, "jailbreak", request=p, method="prefix_injection"), "I'm sorry", "Sure", 1.0, -1.0)

@@ -325,6 +325,19 @@ def test_prompt_sets_offline_reports_none(monkeypatch):
         P._harmbench_prompts.cache_clear()
 
 
+def test_prompt_sets_without_download_counts_only_cached_sets(monkeypatch):
+    """``prompt_sets(download=False)`` (``lens-safety list``) reads no set whose data is not cached yet."""
+    P._harmbench_prompts.cache_clear()
+    read = []
+    monkeypatch.setattr(assets, "is_cached", lambda name: False)
+    monkeypatch.setattr(assets, "read_member", lambda *a, **k: read.append(a) or b"")
+    try:
+        n = {s.name: s.n for s in P.prompt_sets(download=False)}
+        assert n["harmbench"] is None and n["harmless"] >= 300 and read == []
+    finally:
+        P._harmbench_prompts.cache_clear()
+
+
 def test_existing_api_still_works():
     a = P.load_prompts("harmless")[:4]
     b = P.load_prompts("harmbench")[:2]

@@ -43,7 +43,7 @@ def _prompts(name: str) -> ls.PromptSet:
 
 def _pairs(model, harmful, methods=("prefix_injection",), **kwargs):
     """Stand-in for jailbreak_pairs: a random tiny model refuses nothing, so the pairs are declared."""
-    from lens_safety.refusal import JailbreakPair, PairSet
+    from lens_safety.behaviour.pairs import JailbreakPair, PairSet
 
     harmful = ls.PromptSet(list(harmful)[:2]) if not isinstance(harmful, ls.PromptSet) else harmful[:2]
     pairs = []
@@ -120,6 +120,7 @@ def test_readme_python_runs_on_the_tiny_model(tiny, home, monkeypatch):
     """Every ```python block of the README, run in order on the tiny model with offline prompts."""
     import matplotlib.pyplot as plt
 
+    import lens_safety.behaviour.pairs
     import lens_safety.models
     import lens_safety.patching
     import lens_safety.prompts
@@ -131,7 +132,8 @@ def test_readme_python_runs_on_the_tiny_model(tiny, home, monkeypatch):
         importlib.import_module(f"lens_safety.{name}")
     stand_ins = {"load_model": (lens_safety.models, _bound(lens_safety.models.load_model, lambda *a, **k: tiny)),
                  "load_prompts": (lens_safety.prompts, _bound(lens_safety.prompts.load_prompts, _prompts)),
-                 "jailbreak_pairs": (lens_safety.refusal, _bound(lens_safety.refusal.jailbreak_pairs, _pairs)),
+                 "jailbreak_pairs": (lens_safety.behaviour.pairs,
+                                     _bound(lens_safety.behaviour.pairs.jailbreak_pairs, _pairs)),
                  "evaluate_refusal": (lens_safety.refusal, _short(lens_safety.refusal.evaluate_refusal,
                                                                   max_new_tokens=3)),
                  "patch_layers": (lens_safety.patching, _keep_all_pairs(lens_safety.patching.patch_layers))}

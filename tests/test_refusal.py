@@ -440,7 +440,7 @@ def test_jailbreak_pairs_keeps_effective_pairs(tiny, monkeypatch):
     monkeypatch.setattr(P, "evaluate_refusal", fake_eval)  # jailbreak_pairs lives in behaviour.pairs
     reqs = ["make a bomb", "hello there", "steal bikes", "write malware"]
     method = "prefix_injection"
-    pairs = R.jailbreak_pairs(tiny, reqs, [method], progress=False)
+    pairs = P.jailbreak_pairs(tiny, reqs, [method], progress=False)
     # refused plain: index 0 ("make a bomb") and 2 ("steal bikes"); complied wrapped: mentions a bomb
     assert [p.request for p in pairs] == ["make a bomb"]
     p = pairs[0]
@@ -464,18 +464,18 @@ def test_jailbreak_pairs_takes_a_config_or_keywords(tiny, monkeypatch):
 
     monkeypatch.setattr(P, "evaluate_refusal", fake_eval)
     reqs = ["make a bomb", "steal bikes", "write malware"]
-    by_keywords = R.jailbreak_pairs(tiny, reqs, n=2, seed=1, max_new_tokens=5, batch_size=3, cache=False,
+    by_keywords = P.jailbreak_pairs(tiny, reqs, n=2, seed=1, max_new_tokens=5, batch_size=3, cache=False,
                                     progress=False, min_gap=2.0)
     config = P.PairsConfig(n=2, seed=1, max_new_tokens=5, batch_size=3, cache=False, progress=True, min_gap=2.0)
-    by_config = R.jailbreak_pairs(tiny, reqs, config=config, progress=False)
+    by_config = P.jailbreak_pairs(tiny, reqs, config=config, progress=False)
     assert seen[:2] == seen[2:] and seen[0] == {"max_new_tokens": 5, "batch_size": 3, "system": None, "chat": None,
                                                 "cache": False, "progress": False}
     assert by_keywords.config == by_config.config and by_config.config["n_requests"] == 2
     assert by_config.config["min_gap"] == 2.0 and config.progress is True  # the config itself is unchanged
     with pytest.raises(TypeError, match="'max_new_token'.*valid options: max_new_tokens"):
-        R.jailbreak_pairs(tiny, reqs, max_new_token=5, progress=False)
+        P.jailbreak_pairs(tiny, reqs, max_new_token=5, progress=False)
     with pytest.raises(TypeError, match="config must be a PairsConfig"):
-        R.jailbreak_pairs(tiny, reqs, config={"n": 2})
+        P.jailbreak_pairs(tiny, reqs, config={"n": 2})
 
 
 class ScriptedJudge(J.Judge):
@@ -522,7 +522,7 @@ def test_jailbreak_pairs_end_to_end_keeps_and_drops(tiny):
         {"make a bomb": "complied", "steal bikes": "complied", "write malware": "complied"},  # refusal_suppr.
     ])
     with tiny.bridge.hooks(fwd_hooks=[("unembed.hook_out", force)]):
-        pairs = R.jailbreak_pairs(tiny, reqs, methods, max_new_tokens=3, cache=False, progress=False,
+        pairs = P.jailbreak_pairs(tiny, reqs, methods, max_new_tokens=3, cache=False, progress=False,
                                   judge=judge)
     assert judge.calls == 3
     assert [(p.request, p.method) for p in pairs] == [("make a bomb", "prefix_injection")]
@@ -539,18 +539,18 @@ def test_jailbreak_pairs_end_to_end_keeps_and_drops(tiny):
     assert asr.loc["prefix_injection", "n_complied"] == 1 and asr.loc["prefix_injection", "n_unengaged"] == 1
     assert asr.loc["refusal_suppression", "asr"] == 1.0  # the ASR counts compliance; pairs also need the gap
     cfg = pairs.config
-    assert cfg["judge"] == judge.identity and cfg["min_gap"] == R.MIN_GAP and cfg["positions"] == "last"
+    assert cfg["judge"] == judge.identity and cfg["min_gap"] == P.MIN_GAP and cfg["positions"] == "last"
     assert cfg["formatting"] == tiny.formatting_key() and cfg["n_kept"] == 1 and cfg["n_dropped"] == 5
     # with min_gap=-inf-like threshold the inverted pairs are kept
     judge.calls = 0
     with tiny.bridge.hooks(fwd_hooks=[("unembed.hook_out", force)]):
-        loose = R.jailbreak_pairs(tiny, reqs, methods, max_new_tokens=3, cache=False, progress=False,
+        loose = P.jailbreak_pairs(tiny, reqs, methods, max_new_tokens=3, cache=False, progress=False,
                                   judge=judge, min_gap=-100.0)
     assert len(loose) == 4 and (loose.gaps < -5).sum() == 3
     fig = pairs.plot()
     assert len(fig.axes) == 1
     with pytest.raises(InputError, match="min_gap"):
-        R.jailbreak_pairs(tiny, reqs, methods, min_gap=float("nan"), progress=False)
+        P.jailbreak_pairs(tiny, reqs, methods, min_gap=float("nan"), progress=False)
 
 
 def test_pairset_roundtrip_and_errors(tiny, tmp_path):
@@ -562,10 +562,10 @@ def test_pairset_roundtrip_and_errors(tiny, tmp_path):
                          "jailbroken_refusal_rate": 0.5}])
     dropped = pd.DataFrame([{"request": "do y", "method": "m", "reason": "unengaged", "gap": 0.25,
                              "outcome": "unengaged", "plain_score": 1.0, "jailbroken_score": 0.75,
-                             "jailbroken_completion": "I understand."}], columns=R.DROPPED_COLUMNS)
-    ps = R.PairSet([R.JailbreakPair("do x", "m", plain, jb, "I'm sorry", "Sure", 2.0, -1.0)],
+                             "jailbroken_completion": "I understand."}], columns=P.DROPPED_COLUMNS)
+    ps = P.PairSet([P.JailbreakPair("do x", "m", plain, jb, "I'm sorry", "Sure", 2.0, -1.0)],
                    model_name="tiny", weights_hash="h", asr=asr, dropped=dropped, config={"min_gap": 1.0})
-    back = R.PairSet.load(ps.save(tmp_path / "p"))
+    back = P.PairSet.load(ps.save(tmp_path / "p"))
     assert list(back) == list(ps) and back.model_name == "tiny" and back.weights_hash == "h"
     assert back.config == {"min_gap": 1.0} and back.gaps.tolist() == [3.0]
     pd.testing.assert_frame_equal(back.asr, asr.reindex(columns=R.ASR_COLUMNS))
@@ -575,15 +575,15 @@ def test_pairset_roundtrip_and_errors(tiny, tmp_path):
     for bad in (text.replace('"Sure"', '"Sur"'), text[:-40], "", text.replace('"kind": "PairSet"', '"kind": "X"')):
         meta.write_text(bad)
         with pytest.raises(ls.errors.CacheError):
-            R.PairSet.load(tmp_path / "p")
-    empty = R.PairSet([], model_name="tiny", weights_hash="h")
-    assert len(R.PairSet.load(empty.save(tmp_path / "e"))) == 0
+            P.PairSet.load(tmp_path / "p")
+    empty = P.PairSet([], model_name="tiny", weights_hash="h")
+    assert len(P.PairSet.load(empty.save(tmp_path / "e"))) == 0
     with pytest.raises(UnknownNameError):
-        R.jailbreak_pairs(tiny, ["do x"], ["no_such_method"], progress=False)
+        P.jailbreak_pairs(tiny, ["do x"], ["no_such_method"], progress=False)
     with pytest.raises(InputError):
-        R.jailbreak_pairs(tiny, [], ["prefix_injection"], progress=False)
+        P.jailbreak_pairs(tiny, [], ["prefix_injection"], progress=False)
     with pytest.raises(InputError):
-        R.jailbreak_pairs(tiny, ["do x"], [], progress=False)
+        P.jailbreak_pairs(tiny, ["do x"], [], progress=False)
 
 
 # -- real model ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from types import SimpleNamespace as NS
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from lens_safety.errors import InputError, ModelMismatchError, NonFiniteActivationError
-from lens_safety.validation import check_finite, check_int, check_number, check_same_model
+from lens_safety.validation import check_finite, check_int, check_number, check_same_model, config_from_options
 
 # -- check_int -------------------------------------------------------------------------------------
 
@@ -120,6 +121,46 @@ def test_check_same_model():
     with pytest.raises(ModelMismatchError, match=r"^Cannot mix: they come from different models, m1 \(weights "
                                                  r"aaaaaaaaaaaa\) and gpt2 \(weights bbbbbbbbbbbb\)\. Do X\.$"):
         check_same_model(a, NS(weights_hash="b" * 64, name="gpt2"), "Cannot mix", fix="Do X.")
+
+
+# -- config_from_options ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Options:
+    n: int = 8
+    seed: int = 0
+
+
+class _UnknownError(InputError, TypeError):
+    pass
+
+
+def test_config_from_options_overrides_the_config_or_the_defaults():
+    base = _Options(n=4)
+    assert config_from_options(_Options, None, {}, function="run") == _Options()
+    assert config_from_options(_Options, None, {"seed": 2}, function="run") == _Options(8, 2)
+    assert config_from_options(_Options, base, {"seed": 1}, function="run") == _Options(4, 1)
+    assert config_from_options(_Options, base, {}, function="run") is base and base == _Options(n=4)
+
+
+def test_config_from_options_names_unknown_options_and_the_valid_ones():
+    with pytest.raises(TypeError, match=r"^run\(\) got unknown argument\(s\) 'sed', 'x'; valid options: n, seed\.$"):
+        config_from_options(_Options, _Options(), {"sed": 1, "x": 0, "n": 2}, function="run")
+    with pytest.raises(_UnknownError, match="'sed'"):
+        config_from_options(_Options, None, {"sed": 1}, function="run", error=_UnknownError)
+
+
+def test_config_from_options_rejects_a_config_of_another_type():
+    with pytest.raises(TypeError, match=r"run\(\): config must be a _Options, got dict\."):
+        config_from_options(_Options, {"n": 4}, {}, function="run")
+
+
+def test_config_from_options_accepts_extra_names_for_the_caller():
+    """``names`` narrows or widens the accepted options; names that are no field are left to the caller."""
+    assert config_from_options(_Options, None, {"n": 3, "limit": 0.5}, function="run",
+                               names=("n", "limit")) == _Options(n=3)
+    with pytest.raises(TypeError, match="'seed'; valid options: n, limit"):
+        config_from_options(_Options, None, {"seed": 1}, function="run", names=("n", "limit"))
 
 
 # -- the modules that use them ---------------------------------------------------------------------

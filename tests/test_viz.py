@@ -28,9 +28,9 @@ def test_heatmap_cells_show_tokens_and_categories(lens):
     assert len(ax.texts) == (lens.n_layers + 1) * lens.top_k
     # cell (layer 1, rank 2) holds that token and its probability
     t = ax.texts[1 * lens.top_k + 2].get_text()
-    assert t == f"{viz._display(lens.tokens[2, 1, 2])[:10]}\n{float(lens.top_probs[2, 1, 2]):.2f}"
+    assert t == f"{viz.token_cell_text(lens.tokens[2, 1, 2])[:10]}\n{float(lens.top_probs[2, 1, 2]):.2f}"
     img = ax.images[0].get_array()
-    assert to_hex(img[1, 2]) == viz._color(lens.top_categories[2, 1, 2], light=True)
+    assert to_hex(img[1, 2]) == viz.category_color(lens.top_categories[2, 1, 2], light=True)
     fig2 = viz.lens_heatmap(lens, label="harmful")
     cons = lens.consistency(n_top=3)
     top = cons[(cons.label == "harmful") & (cons.layer == 0)].top_tokens.iloc[0]
@@ -114,8 +114,8 @@ def test_trajectory_view_values_and_escaping(lens):
     for layer in (0, lens.n_layers):
         assert f"[{layer}]" in src
     assert f"{diff[-1]}"[:8] in src  # the layer's refusal-minus-positive value is passed to the view
-    assert viz._visible("\n") == "\\n" and viz._visible("a\tb") == "a\\tb" and viz._visible(" ") == "' '"
-    assert viz._display("a\u200bb") == "a\\u200bb"
+    assert viz.visible_text("\n") == "\\n" and viz.visible_text("a\tb") == "a\\tb" and viz.visible_text(" ") == "' '"
+    assert viz.token_cell_text("a\u200bb") == "a\\u200bb"
     with pytest.raises(InputError):
         viz.lens_trajectory_view(lens, 99)
 

@@ -15,19 +15,19 @@ from ..behaviour.figures import pair_gap_figure, refusal_score_figure
 from ..core.errors import InputError
 from ..core.figures import (
     CATEGORY_COLORS,
-    _color,
-    _display,
-    _fonts,
-    _panel_axes,
-    _short,
-    _visible,
+    category_color,
     figure_axes,
     label_colors,
     line_with_band,
     new_figure,
+    panel_axes,
     save_views,
+    shorten,
+    token_cell_text,
+    token_fonts,
     token_scores_view,
     views_html,
+    visible_text,
 )
 from ..core.htmlreport import OfflineView
 
@@ -57,7 +57,7 @@ def lens_heatmap(result, prompt: int | None = None, label: str | None = None, la
     cells: list[list[tuple[str, str]]] = []
     if prompt is not None:
         for layer in layers:
-            cells.append([(f"{_display(result.tokens[prompt, layer, r])[:max_chars]}\n"
+            cells.append([(f"{token_cell_text(result.tokens[prompt, layer, r])[:max_chars]}\n"
                            f"{float(result.top_probs[prompt, layer, r]):.2f}",
                            str(result.top_categories[prompt, layer, r])) for r in range(k)])
         title = f"Logit lens, prompt {prompt} ({result.labels[prompt]})"
@@ -70,25 +70,25 @@ def lens_heatmap(result, prompt: int | None = None, label: str | None = None, la
         n = len(sub)
         for layer in layers:
             top = cons.loc[cons["layer"] == layer, "top_tokens"].iloc[0]
-            row = [(f"{_display(t)[:max_chars]}\n{c}/{n}", result.lexicon.category_of(t)) for t, c in top]
+            row = [(f"{token_cell_text(t)[:max_chars]}\n{c}/{n}", result.lexicon.category_of(t)) for t, c in top]
             row += [("", result.lexicon.neutral)] * (k - len(row))
             cells.append(row)
         title = f"Logit lens, most frequent tokens ({label or 'all'}, N={n})"
     if getattr(result, "lens", "logit") != "logit":
         title = title.replace("Logit lens", "Tuned lens")
-    rgb = np.array([[to_rgb(_color(c, light=True)) for _, c in row] for row in cells])
+    rgb = np.array([[to_rgb(category_color(c, light=True)) for _, c in row] for row in cells])
     fig, ax = figure_axes(ax, size=(1.3 * k + 1.5, 0.32 * len(layers) + 1.2))
     ax.imshow(rgb, aspect="auto", origin="lower")
     for i, row in enumerate(cells):
         for j, (text, _) in enumerate(row):
-            ax.text(j, i, text, ha="center", va="center", fontsize=6, fontfamily=list(_fonts()[0]))
+            ax.text(j, i, text, ha="center", va="center", fontsize=6, fontfamily=list(token_fonts()[0]))
     ax.set_xticks(range(k), [f"top {r + 1}" for r in range(k)])
     ax.set_yticks(range(len(layers)), [str(x) for x in layers])
     ax.set_ylabel("residual layer (0 = embedding)")
     ax.set_title(title, fontsize=9)
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color=_color(c, light=True), label=c) for c in result.categories],
+    ax.legend(handles=[Patch(color=category_color(c, light=True), label=c) for c in result.categories],
               loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
     return fig
 
@@ -116,7 +116,7 @@ def category_mass_figure(result, categories: Sequence[str] | None = None, labels
     frame = result.category_mass(by="label", level=level)
     labels = list(dict.fromkeys(result.labels)) if labels is None else list(labels)
     colors = label_colors(labels)
-    fig, axes = _panel_axes(ax, len(cats), sharex=True)
+    fig, axes = panel_axes(ax, len(cats), sharex=True)
     lens_name = "tuned lens" if getattr(result, "lens", "logit") != "logit" else "logit lens"
     for ax, cat in zip(axes, cats):
         for lab in labels:
@@ -139,7 +139,7 @@ def graft_figure(result, level: float = 0.95, ax=None):
     and excluded from the "best layer". ``ax``: a pair of axes."""
     frame = result.to_frame(level=level)
     final = frame["final"].to_numpy(bool) if "final" in frame else np.zeros(len(frame), bool)
-    fig, (ax, ax2) = _panel_axes(ax, 2, sharex=True)
+    fig, (ax, ax2) = panel_axes(ax, 2, sharex=True)
     shown = frame[~final]
     line_with_band(ax, shown["layer"], shown["score"], shown["score_ci_low"], shown["score_ci_high"],
                    label=f"grafted ({result.donor})", color="#1f77b4")
@@ -214,7 +214,7 @@ def lens_comparison_figure(comparison, categories: Sequence[str] = ("refusal", "
     for c in cats:
         if c not in comparison.logit.categories:
             raise InputError(f"Unknown category {c!r}; the lens has {comparison.logit.categories}.")
-    fig, axs = _panel_axes(axes, 1 + len(cats))
+    fig, axs = panel_axes(axes, 1 + len(cats))
     lens_kl_figure(comparison.kl, ax=axs[0])
     labels = list(dict.fromkeys(comparison.logit.labels))
     colors = label_colors(labels)
@@ -403,10 +403,10 @@ def lens_topk_view(result, prompts: Sequence[int] = (0,)):
         for layer in range(result.n_layers + 1):
             for r in range(result.top_k):
                 a[layer, pos[int(ids[layer, r])], 0] = float(result.top_probs[p, layer, r])
-        pieces = {int(i): _visible(t) for i, t in zip(ids.reshape(-1).tolist(), result.tokens[p].reshape(-1))}
+        pieces = {int(i): visible_text(t) for i, t in zip(ids.reshape(-1).tolist(), result.tokens[p].reshape(-1))}
         tokens.append([pieces[t] for t in uniq])
         acts.append(a)
-        names.append(f"{p}: [{result.labels[p]}] {_short(result.prompts[p].text, 60)}")
+        names.append(f"{p}: [{result.labels[p]}] {shorten(result.prompts[p].text, 60)}")
     return OfflineView.from_function(
         topk_tokens, tokens, acts, max_k=result.top_k, first_dimension_name="Layer",
         third_dimension_name="Lens probability", sample_labels=names,
@@ -423,7 +423,7 @@ def lens_trajectory_view(result, prompt: int = 0, refusal: str = "refusal", over
             raise InputError(f"Unknown category {c!r}; this lens has {result.categories}.")
     m = result.mass[prompt]
     values = (m[:, result.categories.index(refusal)] - m[:, result.categories.index(over)]).tolist()
-    tokens = [f"[{layer}]{_visible(result.tokens[prompt, layer, 0])} " for layer in range(result.n_layers + 1)]
+    tokens = [f"[{layer}]{visible_text(result.tokens[prompt, layer, 0])} " for layer in range(result.n_layers + 1)]
     return token_scores_view(tokens, values, min_value=-1.0, max_value=1.0,
                              negative_color="#2ca02c", positive_color="#d62728")
 

@@ -31,7 +31,7 @@ def refusal_score_figure(result, ax=None, bins: int = 30):
 
 def pair_gap_figure(pairs, ax=None):
     """Score gap (plain - jailbroken, logits) of every candidate pair of a
-    :class:`~lens_safety.behaviour.refusal.PairSet`, per method: kept pairs, and dropped ones by reason;
+    :class:`~lens_safety.behaviour.pairs.PairSet`, per method: kept pairs, and dropped ones by reason;
     the dotted line is ``min_gap``."""
     import numpy as np
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..capture import prompt_to_json
 from ..core.errors import CacheError, InputError, UnknownNameError
 from ..core.store import read_artifact, write_artifact
-from ..core.validation import check_int, check_number
+from ..core.validation import check_int, check_number, config_from_options
 from ..inputs.jailbreaks import jailbreak, jailbreak_methods
 from ..inputs.prompts import Prompt, PromptSet
 from ..model.generation import check_decoding, to_prompt_set
@@ -30,7 +31,6 @@ from .refusal import (
     SCHEMA_VERSION,
     RefusalResult,
     RefusalTokens,
-    _prompt_to_json,
     _tokens_hash,
     attack_success,
     evaluate_refusal,
@@ -163,8 +163,8 @@ class PairSet(Sequence[JailbreakPair]):
         meta = {"model_name": self.model_name, "weights_hash": self.weights_hash, "config": self.config,
                 "asr": json.loads(self.asr.to_json(orient="records")),
                 "dropped": json.loads(self.dropped.to_json(orient="records")),
-                "pairs": [{"request": p.request, "method": p.method, "plain": _prompt_to_json(p.plain),
-                           "jailbroken": _prompt_to_json(p.jailbroken), "plain_completion": p.plain_completion,
+                "pairs": [{"request": p.request, "method": p.method, "plain": prompt_to_json(p.plain),
+                           "jailbroken": prompt_to_json(p.jailbroken), "plain_completion": p.plain_completion,
                            "jailbroken_completion": p.jailbroken_completion,
                            "plain_score": float(p.plain_score), "jailbroken_score": float(p.jailbroken_score)}
                           for p in self._pairs]}
@@ -221,7 +221,7 @@ class PairsConfig:
     >>> PairsConfig.from_options(cfg, n_requests=8)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    TypeError: jailbreak_pairs() got unknown option(s) 'n_requests'; valid options: max_new_tokens, batch_size, ...
+    TypeError: jailbreak_pairs() got unknown argument(s) 'n_requests'; valid options: max_new_tokens, batch_size, ...
     """
 
     max_new_tokens: int = 48
@@ -245,16 +245,7 @@ class PairsConfig:
     @classmethod
     def from_options(cls, config: PairsConfig | None = None, **options: Any) -> PairsConfig:
         """``config`` (default: the defaults) with ``options`` replacing its fields; TypeError on an unknown option."""
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise TypeError(f"jailbreak_pairs() got unknown option(s) {', '.join(map(repr, unknown))}; "
-                            f"valid options: {', '.join(valid)}.")
-        if config is None:
-            return cls(**options)
-        if not isinstance(config, cls):
-            raise TypeError(f"config must be a {cls.__name__}, got {type(config).__name__}.")
-        return replace(config, **options) if options else config
+        return config_from_options(cls, config, options, function="jailbreak_pairs")
 
 
 def jailbreak_pairs(model: SafetyModel, harmful: PromptSet | Sequence[str],

@@ -15,9 +15,9 @@ Two measures of refusal, computed on the same prompts:
 decoding step) and caches the result on disk; :func:`attack_success` turns a plain and a
 jailbroken result into the attack success rate per jailbreak family.
 
-The generation engine lives in :mod:`lens_safety.model.generation` and the effective jailbreak
-pairs in :mod:`lens_safety.behaviour.pairs`; their names are re-exported here (``generate``,
-``generation_step``, ``jailbreak_pairs``, ``PairSet``, ...), so older imports keep working.
+The generation engine lives in :mod:`lens_safety.model.generation` (``generate`` and
+``generation_step`` are re-exported here), the effective jailbreak pairs in
+:mod:`lens_safety.behaviour.pairs` (``jailbreak_pairs``, ``PairSet``, ...).
 
 >>> from lens_safety.model.testing import tiny_model
 >>> res = evaluate_refusal(tiny_model(), ["Hi there", "Bake bread"], max_new_tokens=4, cache=False,
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -44,6 +43,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..capture import prompt_to_json
 from ..core import assets, parallel
 from ..core.errors import CacheError, InputError
 from ..core.store import read_artifact, sha256_json, write_artifact
@@ -55,7 +55,6 @@ from ..model.generation import (
     check_decoding,
     generate,
     generation_step,
-    kv_cache_shim,
     length_order,
     run_generation,
     to_prompt_set,
@@ -63,33 +62,17 @@ from ..model.generation import (
 from ..model.loading import SafetyModel, forward_logits
 from .judges import OUTCOMES, SUBSTRING_PHRASES, CallableJudge, Judge, as_judge, default_judge
 
-#: Names that moved to :mod:`lens_safety.behaviour.pairs`. That module imports this one, so they are read
-#: from it on first use (module ``__getattr__`` below) rather than imported here.
-_PAIRS_PUBLIC = ("JailbreakPair", "PairSet", "PairsConfig", "jailbreak_pairs", "MIN_GAP", "DROPPED_COLUMNS")
-_PAIRS_NAMES = frozenset({*_PAIRS_PUBLIC, "_build_pairs", "_resolve_methods"})
-
 __all__ = [
     "REFUSAL_STARTS", "COMPLIANCE_STARTS", "SCORE_MODES", "REFUSAL_PHRASES", "RefusalTokens", "judge", "generate",
     "first_token_scores", "generation_step", "GenerationStep", "RefusalResult", "evaluate_refusal",
-    "attack_success", "SCHEMA_VERSION", "default_judge", "ASR_COLUMNS", *_PAIRS_PUBLIC,
+    "attack_success", "SCHEMA_VERSION", "default_judge", "ASR_COLUMNS",
 ]
 
 SCHEMA_VERSION = 2
 
-# Old private names, still imported by other modules and tests (the public ones are in model.generation).
-_kv_cache_shim = kv_cache_shim
+# Old private names, still used by tests (the public ones are in model.generation).
 _as_set = to_prompt_set
 _STEP = CURRENT_STEP
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PAIRS_NAMES:
-        return getattr(importlib.import_module(f"{__package__}.pairs"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | _PAIRS_NAMES)
 
 
 # -- first-token score ---------------------------------------------------------------------
@@ -259,12 +242,6 @@ def first_token_scores(model: SafetyModel, prompts: PromptSet | Sequence[str], *
 
 
 # -- results -------------------------------------------------------------------------------
-
-def _prompt_to_json(p: Prompt) -> dict[str, Any]:
-    from ..capture import _prompt_to_json as to_json
-
-    return to_json(p)
-
 
 def _group_key(p: Prompt) -> str:
     return p.method if p.method else p.label
@@ -450,7 +427,7 @@ class RefusalResult:
         """Write the result as a :mod:`lens_safety.core.store` artifact (``meta.json`` + safetensors)."""
         meta = {"model_name": self.model_name, "weights_hash": self.weights_hash, "config": self.config,
                 "prompts_name": self.prompts.name, "prompts_hash": self.prompts.hash(),
-                "prompts": [_prompt_to_json(p) for p in self.prompts], "completions": list(self.completions),
+                "prompts": [prompt_to_json(p) for p in self.prompts], "completions": list(self.completions),
                 "outcomes": [str(o) for o in self.outcomes]}
         return write_artifact(directory, kind="RefusalResult", schema_version=SCHEMA_VERSION, meta=meta,
                               tensors={"score": self.score.astype(np.float64),

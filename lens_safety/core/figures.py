@@ -28,8 +28,9 @@ import numpy as np
 from .errors import InputError
 from .htmlreport import HtmlDocument, OfflineView, circuitsvis_bundle
 
-__all__ = ["CATEGORY_COLORS", "new_figure", "figure_axes", "line_with_band", "label_colors",
-           "token_scores_view", "views_html", "save_views"]
+__all__ = ["CATEGORY_COLORS", "new_figure", "figure_axes", "line_with_band", "label_colors", "category_color",
+           "panel_axes", "token_fonts", "token_cell_text", "visible_text", "shorten", "token_scores_view",
+           "views_html", "save_views"]
 
 #: Colours of lexicon categories (unknown categories cycle through the tab10 palette).
 CATEGORY_COLORS: dict[str, str] = {"refusal": "#d62728", "positive": "#2ca02c", "neutral": "#d9d9d9"}
@@ -37,7 +38,8 @@ _LIGHT = {"refusal": "#f4a6a6", "positive": "#a8dba8", "neutral": "#f2f2f2"}
 _LABEL_COLORS = {"harmless": "#2ca02c", "harmful": "#d62728", "jailbreak": "#9467bd"}
 
 
-def _color(category: str, light: bool = False) -> str:
+def category_color(category: str, light: bool = False) -> str:
+    """The colour of a lexicon category (``light``: the pale one, for heatmap cells)."""
     table = _LIGHT if light else CATEGORY_COLORS
     if category in table:
         return table[category]
@@ -97,7 +99,7 @@ _CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "Wen
 
 
 @functools.cache
-def _fonts() -> tuple[tuple[str, ...], frozenset[int]]:
+def token_fonts() -> tuple[tuple[str, ...], frozenset[int]]:
     """Font families for token text (DejaVu Sans plus any installed CJK font) and the code points
     they cover; characters outside it are shown as escapes instead of empty boxes."""
     from matplotlib import font_manager
@@ -126,11 +128,11 @@ def _script(c: str) -> str:
     return f"U+{o:04X}"
 
 
-def _display(piece: str) -> str:
+def token_cell_text(piece: str) -> str:
     """A token piece as cell text. Characters no available font renders become a short tag
     (``[zh×4]`` for four CJK characters, ``[U+XXXX]`` otherwise) instead of empty boxes;
     control characters are escaped."""
-    covered = _fonts()[1]
+    covered = token_fonts()[1]
     out: list[str] = []
     run: list[str] = []
 
@@ -158,7 +160,7 @@ def _display(piece: str) -> str:
 
 
 
-def _panel_axes(ax, n: int, size: tuple[float, float] = (6.0, 4.0), **kwargs):
+def panel_axes(ax, n: int, size: tuple[float, float] = (6.0, 4.0), **kwargs):
     """``(fig, [ax...])`` for an ``n``-panel figure: new axes, or the caller's ``ax`` (one Axes when
     ``n == 1``, else a sequence of ``n`` axes)."""
     if ax is None:
@@ -174,13 +176,14 @@ def _panel_axes(ax, n: int, size: tuple[float, float] = (6.0, 4.0), **kwargs):
 
 # -- circuitsvis views --------------------------------------------------------------------------
 
-def _visible(piece: str) -> str:
+def visible_text(piece: str) -> str:
     """Control characters escaped (a newline token would otherwise break the view's layout)."""
     s = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(piece))
     return s if s.strip() else repr(str(piece))
 
 
-def _short(text: str, n: int = 80) -> str:
+def shorten(text: str, n: int = 80) -> str:
+    """``text`` on one line, cut to at most ``n`` characters (an ellipsis marks the cut)."""
     text = " ".join(text.split())
     return text if len(text) <= n else text[: n - 1] + "…"
 

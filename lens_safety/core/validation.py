@@ -17,16 +17,20 @@ lens_safety.core.errors.InputError: batch_size must be an integer >= 1, got True
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .errors import InputError, ModelMismatchError, NonFiniteActivationError
 
-__all__ = ["check_int", "check_number", "check_finite", "check_same_model", "DEFAULT_NONFINITE_HINT"]
+__all__ = ["check_int", "check_number", "check_finite", "check_same_model", "config_from_options",
+           "DEFAULT_NONFINITE_HINT"]
+
+ConfigT = TypeVar("ConfigT")
 
 #: The fix :func:`check_finite` suggests unless told otherwise.
 DEFAULT_NONFINITE_HINT = ("The model's forward pass probably overflowed (half precision? load the model with "
@@ -191,3 +195,43 @@ aaaaaaaaaaaa) and m2 (weights bbbbbbbbbbbb). Recompute one of them with the othe
     if ha and hb and ha != hb:
         raise ModelMismatchError(f"{what}: they come from different models, {na} (weights {ha[:12]}) and {nb} "
                                  f"(weights {hb[:12]}). {fix}")
+
+
+def config_from_options(cls: type[ConfigT], config: ConfigT | None, options: Mapping[str, Any], *, function: str,
+                        error: type[Exception] = TypeError, names: Collection[str] | None = None) -> ConfigT:
+    """The config object of a call that takes ``config=`` and keyword ``options``: ``config`` (``None``: the
+    defaults, ``cls()``) with the ``options`` replacing its fields (:func:`dataclasses.replace`).
+
+    ``cls`` is a dataclass; ``function`` names the caller in the messages. A ``config`` of another type
+    raises ``TypeError``; an option outside ``names`` (default: the fields of ``cls``) raises ``error``
+    naming it and listing the valid ones. Names in ``names`` that are not fields of ``cls`` are accepted
+    and left for the caller to apply.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class Sampling:
+    ...     n: int = 8
+    ...     seed: int = 0
+    >>> config_from_options(Sampling, Sampling(n=4), {"seed": 1}, function="run")
+    Sampling(n=4, seed=1)
+    >>> config_from_options(Sampling, None, {"sed": 1}, function="run")
+    Traceback (most recent call last):
+        ...
+    TypeError: run() got unknown argument(s) 'sed'; valid options: n, seed.
+    >>> config_from_options(Sampling, {"n": 4}, {}, function="run")
+    Traceback (most recent call last):
+        ...
+    TypeError: run(): config must be a Sampling, got dict.
+    """
+    fields = [f.name for f in dataclasses.fields(cls)]
+    valid = list(fields if names is None else names)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise error(f"{function}() got unknown argument(s) {', '.join(map(repr, unknown))}; "
+                    f"valid options: {', '.join(valid)}.")
+    if config is None:
+        config = cls()
+    elif not isinstance(config, cls):
+        raise TypeError(f"{function}(): config must be a {cls.__name__}, got {type(config).__name__}.")
+    own = {k: v for k, v in options.items() if k in fields}
+    return dataclasses.replace(config, **own) if own else config

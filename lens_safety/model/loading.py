@@ -43,7 +43,7 @@ from .sources import (
 
 __all__ = ["EmbeddedModel", "EMBEDDED_MODELS", "DEFAULT_MODEL", "SafetyModel", "load_model", "list_models",
            "resolve_dtype", "weights_fingerprint", "position_ids_from_mask", "forward_logits",
-           "hf_model_copy", "GUARD_TOLERANCE", "resolve_source"]
+           "hf_model_copy", "GUARD_TOLERANCE", "resolve_source", "guard_logits"]
 
 _GUARD_PROMPT = "Explain in one sentence why the sky is blue."
 
@@ -354,7 +354,7 @@ def forward_logits(bridge, ids: torch.Tensor, mask: torch.Tensor, cache=None, wa
         kw.update(return_type="logits_and_cache", use_cache=True)
         if cache is not None:
             # transformers 5 takes the KV cache as ``cache`` (``past_key_values`` is deprecated and
-            # warns on every step); behaviour.refusal._kv_cache_shim hands it to TL's attention bridges.
+            # warns on every step); model.generation.kv_cache_shim hands it to TL's attention bridges.
             kw["cache"] = cache
         logits, cache = bridge(ids, **kw)
         return logits[:, -1], cache
@@ -525,7 +525,7 @@ def load_model(name: str | None = None, *, dtype: str | torch.dtype = "float32",
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tok, hf = _load_hf(source, label, torch_dtype, device=device, device_map=device_map, max_memory=max_memory,
                        revision=revision, trust_remote_code=trust_remote_code)
-    reference = _guard_logits(hf, tok) if check else None
+    reference = guard_logits(hf, tok) if check else None
     bridge_kwargs: dict[str, Any] = {"hf_model": hf, "tokenizer": tok, "dtype": torch_dtype}
     if device_map is None:
         bridge_kwargs["device"] = device
@@ -615,10 +615,15 @@ def _jsonable_map(device_map: dict | None) -> dict[str, str] | None:
     return None if device_map is None else {str(k): str(v) for k, v in device_map.items()}
 
 
-def _guard_logits(hf, tok) -> tuple[torch.Tensor, torch.Tensor]:
+def guard_logits(hf, tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of :func:`check_model`: a fixed prompt's token ids and the Hugging Face model's
+    last-position logits on it (float32, on the CPU)."""
     ids = tok(_GUARD_PROMPT, return_tensors="pt")["input_ids"].to(hf.get_input_embeddings().weight.device)
     with torch.no_grad():
         return ids, hf(ids).logits[0, -1].float().cpu()
+
+
+_guard_logits = guard_logits  # the old name, used by tests
 
 
 def check_model(model: SafetyModel, reference: tuple[torch.Tensor, torch.Tensor] | None = None,

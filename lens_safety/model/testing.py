@@ -101,11 +101,11 @@ def tiny_model(kind: str = "hf", seed: int = 0, n_layers: int = 3, d_model: int 
 
     tok = tiny_tokenizer(vocab_size)
     if kind in ("hf", "gpt2"):
-        from .loading import _guard_logits, check_model
+        from .loading import check_model, guard_logits
 
         hf = tiny_hf_model(seed, n_layers, d_model, vocab_size) if kind == "hf" else \
             _tiny_gpt2_hf(seed, n_layers, d_model, vocab_size)
-        ref = _guard_logits(hf, tok)
+        ref = guard_logits(hf, tok)
         bridge = TransformerBridge.boot_transformers("lens-safety-tiny", hf_model=hf, tokenizer=tok, device="cpu")
         bridge.eval()
         model = SafetyModel(bridge, tok, name=f"tiny-{kind}-{seed}", weights_hash=weights_fingerprint(bridge))

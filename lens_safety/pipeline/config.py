@@ -16,8 +16,8 @@ from ..core.validation import check_int
 from ..inputs.jailbreaks import jailbreak_methods
 from ..inputs.prompts import PromptSet, load_prompts
 
-__all__ = ["RunConfig", "make_config", "sample_sets", "DEFAULT_JAILBREAKS", "DEFAULT_N", "FULL_RUN_MAX_NEW_TOKENS",
-           "HARMLESS_SETS", "JUDGES"]
+__all__ = ["RunConfig", "make_config", "OPT_IN", "sample_sets", "DEFAULT_JAILBREAKS", "DEFAULT_N",
+           "FULL_RUN_MAX_NEW_TOKENS", "HARMLESS_SETS", "JUDGES"]
 
 DEFAULT_JAILBREAKS = ("prefix_injection", "refusal_suppression", "few_shot", "nested_fiction", "past_tense")
 DEFAULT_N = 200  # per set, when --n is not given: balanced harmful / harmless classes
@@ -45,6 +45,7 @@ class RunConfig:
     judge: str = "calibrated"
     tuned_lens: bool = False
     directions: bool = False
+    harm: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,9 +68,17 @@ def _check_jailbreaks(jailbreaks) -> tuple[str, ...]:
     return chosen
 
 
+#: the opt-in stages' switches (``lens-safety run --tuned-lens --directions --harm``)
+OPT_IN = ("tuned_lens", "directions", "harm")
+
+
 def make_config(quick: bool = False, n: int | None = None, jailbreaks=None, batch_size: int = 16, seed: int = 0,
-                judge: str = "calibrated", tuned_lens: bool = False, directions: bool = False) -> RunConfig:
-    """The run's settings from the command-line options, checked (clear errors before any model loads)."""
+                judge: str = "calibrated", **opt_in: bool) -> RunConfig:
+    """The run's settings from the command-line options, checked (clear errors before any model loads);
+    ``opt_in``: the switches of :data:`OPT_IN`."""
+    unknown = sorted(set(opt_in) - set(OPT_IN))
+    if unknown:
+        raise TypeError(f"Unknown option(s) {unknown}; the opt-in stages are {', '.join(OPT_IN)}.")
     if judge not in JUDGES:
         raise InputError(f"Unknown judge {judge!r}; choose one of {', '.join(JUDGES)}.")
     chosen = _check_jailbreaks(jailbreaks)
@@ -77,7 +86,7 @@ def make_config(quick: bool = False, n: int | None = None, jailbreaks=None, batc
     n = check_int(n, "n", allow_none=True, hint="prompts per set")
     if n is not None and n < 5:
         raise InputError(f"--n must be at least 5 (the probes' 5-fold CV needs 5 prompts per class), got {n}.")
-    extra = {"judge": judge, "tuned_lens": bool(tuned_lens), "directions": bool(directions)}
+    extra = {"judge": judge, **{k: bool(v) for k, v in opt_in.items()}}
     if quick:
         n = 24 if n is None else n
         return RunConfig(n, min(n, 16), chosen, 24, batch_size, seed, n_pairs=4, graft_layers=4, n_graft=6,

@@ -214,7 +214,7 @@ def _finish(out: Path, info: RunInfo, results: dict[str, StageResult], keys: dic
 def run_pipeline(model: Any = None, out: str | os.PathLike = "lens_safety_out", *, quick: bool = False,
                  jailbreaks: Any = None, n: int | None = None, batch_size: int = 16, seed: int = 0,
                  progress: bool = True, load_kwargs: dict[str, Any] | None = None, judge: str = "calibrated",
-                 tuned_lens: bool = False, directions: bool = False) -> RunResult:
+                 **opt_in: bool) -> RunResult:
     """Run the whole study on one model and write ``report.html``, ``metrics.json``, CSVs and PNGs.
 
     ``model`` is a :class:`~lens_safety.SafetyModel` or a name for :func:`~lens_safety.load_model` (default:
@@ -223,8 +223,9 @@ def run_pipeline(model: Any = None, out: str | os.PathLike = "lens_safety_out", 
     skip the stages that need refusal behaviour, with a note. ``load_kwargs`` go to ``load_model`` when
     ``model`` is a name (``dtype``, ``device_map``...). ``judge`` decides refusal (``"calibrated"``,
     ``"rules"``, ``"substring"`` or ``"model"``); the report compares the judges on the same replies.
-    ``tuned_lens`` trains (or loads a cached) tuned lens and shows it next to the logit lens; ``directions``
-    adds the refusal-direction stage. Both are off by default: each adds minutes on a CPU.
+    The opt-in stages (off by default: each adds minutes on a CPU): ``tuned_lens=True`` trains (or loads a
+    cached) tuned lens and shows it next to the logit lens; ``directions=True`` adds the refusal-direction
+    stage; ``harm=True`` the harm-vs-refusal stage.
 
     ``metrics.json`` holds the headline numbers, every stage's metrics, and ``verdicts``: each paper claim
     checked against the run (:mod:`lens_safety.pipeline.verdicts`).
@@ -233,7 +234,7 @@ def run_pipeline(model: Any = None, out: str | os.PathLike = "lens_safety_out", 
 
     t0 = time.perf_counter()
     out_dir = _check_out(out)
-    cfg = make_config(quick, n, jailbreaks, batch_size, seed, judge, tuned_lens, directions)
+    cfg = make_config(quick, n, jailbreaks, batch_size, seed, judge, **opt_in)
     sets = sample_sets(cfg)  # validates --n before the model loads
     if not isinstance(model, SafetyModel):
         if progress:

@@ -268,7 +268,7 @@ class Context:
         return collect_residuals(self.model, prompts, batch_size=bs, progress=self.progress)
 
     def pairs(self):
-        from ..behaviour.refusal import jailbreak_pairs
+        from ..behaviour.pairs import jailbreak_pairs
 
         return jailbreak_pairs(self.model, self.eval_sets()["harmbench"], methods=self.config.jailbreaks,
                                max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size,

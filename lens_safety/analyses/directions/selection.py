@@ -22,7 +22,7 @@ from ...behaviour.refusal import RefusalTokens, first_token_scores
 from ...capture import collect_residuals
 from ...core import store
 from ...core.errors import CacheError, ChatTemplateError, InputError
-from ...core.validation import check_int
+from ...core.validation import check_int, config_from_options
 from ...inputs.prompts import PromptSet, as_prompt_set
 from ...model.generation import to_prompt_set
 from ...model.loading import SafetyModel
@@ -305,15 +305,9 @@ class SelectionConfig:
         """``config`` (default: the defaults) with ``options`` replaced: fields of this class, or of
         :class:`SelectionFilters` (those replace the thresholds of ``filters``). An unknown name raises
         :class:`UnknownOptionError` listing the valid ones."""
-        own, thresholds = {f.name for f in fields(cls)}, {f.name for f in fields(SelectionFilters)}
-        unknown = sorted(set(options) - own - thresholds)
-        if unknown:
-            raise UnknownOptionError(f"select_refusal_direction got unknown argument(s) {unknown}; the options are "
-                                     f"{sorted(own)} (or config=SelectionConfig(...)) and the filter thresholds "
-                                     f"{sorted(thresholds)} (or filters=SelectionFilters(...)).")
-        if config is not None and not isinstance(config, SelectionConfig):
-            raise InputError(f"config must be a SelectionConfig, got {type(config).__name__}.")
-        cfg = replace(config or cls(), **{k: v for k, v in options.items() if k in own})
+        thresholds = [f.name for f in fields(SelectionFilters)]
+        cfg = config_from_options(cls, config, options, function="select_refusal_direction",
+                                  error=UnknownOptionError, names=[f.name for f in fields(cls)] + thresholds)
         limits = {k: v for k, v in options.items() if k in thresholds}
         return replace(cfg, filters=replace(cfg.filters, **limits)) if limits else cfg
 

@@ -14,7 +14,7 @@ import torch
 from ...core import store
 from ...core.errors import InputError
 from ...inputs.prompts import load_prompts
-from ...model.loading import SafetyModel, _guard_logits, check_model, hf_model_copy, load_model, weights_fingerprint
+from ...model.loading import SafetyModel, check_model, guard_logits, hf_model_copy, load_model, weights_fingerprint
 from .direction import RefusalDirection, _as_direction
 from .selection import select_refusal_direction
 
@@ -81,7 +81,7 @@ def orthogonalize(model: SafetyModel, direction: RefusalDirection, *, check: boo
                 b = lin.bias.double()
                 lin.bias.copy_((b - (b @ u) * u).to(lin.bias.dtype))
     tok = copy.deepcopy(model.tokenizer)
-    reference = _guard_logits(hf, tok) if check else None
+    reference = guard_logits(hf, tok) if check else None
     bridge = TransformerBridge.boot_transformers(f"{model.name}-orthogonalized", hf_model=hf, tokenizer=tok,
                                                  device=model.device, dtype=model.dtype)
     bridge.eval()

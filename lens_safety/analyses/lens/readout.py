@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ...capture import prompt_to_json
 from ...core.errors import CacheError, InputError, ModelMismatchError
 from ...core.validation import check_finite
 from ...inputs.prompts import Prompt, PromptSet
@@ -69,9 +70,7 @@ SCHEMA_VERSION = 1
 
 def _prompts_to_json(ps: PromptSet) -> dict[str, Any]:
     """A saved result's prompts (JSON), with their set name and hash."""
-    from ...capture import _prompt_to_json
-
-    return {"prompts_name": ps.name, "prompts_hash": ps.hash(), "prompts": [_prompt_to_json(p) for p in ps]}
+    return {"prompts_name": ps.name, "prompts_hash": ps.hash(), "prompts": [prompt_to_json(p) for p in ps]}
 
 
 def _prompts_from_json(meta: Mapping[str, Any], directory) -> PromptSet:

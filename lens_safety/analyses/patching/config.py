@@ -10,7 +10,7 @@ from typing import Any
 from ...behaviour.pairs import MIN_GAP as _PAIRS_MIN_GAP
 from ...behaviour.refusal import RefusalTokens
 from ...core.errors import InputError, UnknownNameError
-from ...core.validation import check_int, check_number
+from ...core.validation import check_int, check_number, config_from_options
 from ...model.loading import SafetyModel
 
 #: Component name -> hook name template (``{l}`` = block index).
@@ -44,7 +44,7 @@ class PatchConfig:
     - ``progress``: show a progress bar.
     - ``n_positions``: patch at most the last ``n_positions`` tokens of the shared suffix.
     - ``per_position``: one patch per aligned position (default: all aligned positions together).
-    - ``system`` / ``chat``: the prompt formatting; with a :class:`~lens_safety.behaviour.refusal.PairSet`
+    - ``system`` / ``chat``: the prompt formatting; with a :class:`~lens_safety.behaviour.pairs.PairSet`
       they default to the formatting the pairs were made with (anything else raises ``InputError``).
     - ``refusal_tokens``: the metric (default: the max-logit margin for activation patching, the
       log-odds of a refusal start for attribution patching).
@@ -96,8 +96,6 @@ def resolve_config(function: str, config: PatchConfig | None, args: tuple, optio
                    accepted: tuple[str, ...], n_positional: int) -> PatchConfig:
     """The :class:`PatchConfig` of a call: ``config`` (or the defaults) with the positional ``args`` (in the
     order of ``accepted``) and keyword ``options`` on top. Raises ``TypeError`` like a signature would."""
-    if config is not None and not isinstance(config, PatchConfig):
-        raise TypeError(f"{function}(): config must be a PatchConfig, not {type(config).__name__}.")
     if any(isinstance(a, PatchConfig) for a in args):
         raise TypeError(f"{function}(): pass the PatchConfig as config=..., not positionally.")
     if len(args) > n_positional:
@@ -107,12 +105,7 @@ def resolve_config(function: str, config: PatchConfig | None, args: tuple, optio
     twice = sorted(given.keys() & options.keys())
     if twice:
         raise TypeError(f"{function}() got multiple values for {', '.join(map(repr, twice))}.")
-    given.update(options)
-    unknown = sorted(set(given) - set(accepted))
-    if unknown:
-        raise TypeError(f"{function}() got unknown option(s) {', '.join(map(repr, unknown))}; "
-                        f"valid options: {', '.join(accepted)}.")
-    return dataclasses.replace(config or PatchConfig(), **given)
+    return config_from_options(PatchConfig, config, given | options, function=function, names=accepted)
 
 
 # -- checks ----------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def prepare_pairs(
 ) -> list[PreparedPair]:
     """Format, tokenise (unpadded) and align every pair; validate model and positions.
 
-    ``pairs``: a :class:`~lens_safety.behaviour.refusal.PairSet`, a list of ``JailbreakPair``, or a
+    ``pairs``: a :class:`~lens_safety.behaviour.pairs.PairSet`, a list of ``JailbreakPair``, or a
     list of ``(plain_text, jailbroken_text)`` tuples. ``positions``: ``"suffix"`` (the
     shared suffix, capped to its last ``n_positions`` tokens), ``"last"`` (last token only)
     or an explicit alignment: one list of ``(plain_pos, jailbroken_pos)`` per pair

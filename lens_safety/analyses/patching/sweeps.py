@@ -299,7 +299,7 @@ def patch_layers(model: SafetyModel, pairs: Any, *args: Any, config: PatchConfig
     on the unpatched runs made here, is below it or negative are dropped and listed in
     ``PatchResult.dropped`` with the reason; ``None`` keeps every pair. ``normalize``: the default recovery
     of the result's summaries, ``"pair"`` or ``"mean"`` (see :meth:`PatchResult.recovery_matrix`).
-    ``system`` / ``chat``: the prompt formatting; with a :class:`~lens_safety.behaviour.refusal.PairSet`
+    ``system`` / ``chat``: the prompt formatting; with a :class:`~lens_safety.behaviour.pairs.PairSet`
     they default to the pairs' own, and anything else raises :class:`~lens_safety.core.errors.InputError`
     (as does a PairSet from other weights).
 

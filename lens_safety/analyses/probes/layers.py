@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ from ...capture import Residuals
 from ...core import store
 from ...core.errors import InputError
 from ...core.stats import auroc_interval, wilson_interval
-from ...core.validation import check_int
+from ...core.validation import check_int, config_from_options
 from .cv import _layer_job, _length_accuracy, _make_splits, _permutation_test, _run_layers
 from .estimators import _make_estimator
 from .features import (
@@ -62,7 +62,7 @@ class ProbeConfig:
     1
     >>> ProbeConfig().with_options(folds=3)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    TypeError: probe_layers() got unknown option(s) ['folds']; valid options: ['classifier', 'cv', ...].
+    TypeError: probe_layers() got unknown argument(s) 'folds'; valid options: classifier, cv, ...
     """
 
     classifier: str | BaseEstimator = "svm"
@@ -81,20 +81,7 @@ class ProbeConfig:
 
     def with_options(self, **options: Any) -> ProbeConfig:
         """A copy with ``options`` replaced; a :class:`TypeError` names unknown options and lists the valid ones."""
-        valid = [f.name for f in fields(self)]
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise TypeError(f"probe_layers() got unknown option(s) {unknown}; valid options: {valid}.")
-        return replace(self, **options)
-
-
-def _config(config: ProbeConfig | None, options: dict[str, Any]) -> ProbeConfig:
-    if config is None:
-        config = ProbeConfig()
-    elif not isinstance(config, ProbeConfig):
-        raise TypeError(f"config must be a ProbeConfig, got {type(config).__name__}; pass classifier=, cv=, ... "
-                        "as keywords.")
-    return config.with_options(**options) if options else config
+        return config_from_options(type(self), self, options, function="probe_layers")
 
 
 def _positive_negative(positive: Any, classes: np.ndarray) -> tuple[Any, Any]:
@@ -157,7 +144,7 @@ def probe_layers(residuals: Residuals, labels: Sequence[Any] | None = None, conf
     >>> float(res.to_frame().permutation_pvalue[2]) < 0.1
     True
     """
-    cfg = _config(config, options)
+    cfg = config_from_options(ProbeConfig, config, options, function="probe_layers")
     X = _features(residuals)
     n, n_res_layers, d = X.shape
     y, classes = _check_labels(labels if labels is not None else residuals.labels, n, None)

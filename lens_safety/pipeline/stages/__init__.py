@@ -8,7 +8,7 @@ subclass (name, needs, reads, run, and what it reports) and its
 from __future__ import annotations
 
 from ..stage import check_registry
-from . import capture, directions, graft, lens, pairs, patching, probes, prompts, refusal
+from . import capture, directions, graft, harm, lens, pairs, patching, probes, prompts, refusal
 
 STAGES = (
     prompts.STAGE,
@@ -20,5 +20,6 @@ STAGES = (
     graft.STAGE,
     patching.STAGE,
     directions.STAGE,
+    harm.STAGE,
 )
 check_registry(STAGES)
