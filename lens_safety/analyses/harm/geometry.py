@@ -67,11 +67,27 @@ class HarmConfig:
         check_int(self.refusal_position, "refusal_position", high=-1, hint="a negative template position")
 
 
-def harm_positions(model) -> tuple[int, int]:
+def harm_positions(model, prompts=None) -> tuple[int, int]:
     """``(k, T)``: capture the last ``k = T + 1`` tokens; index 0 is the instruction's last token (the harm
     position), indices ``1..T`` the ``T`` post-instruction template tokens. Raises
-    :class:`~lens_safety.core.errors.ChatTemplateError` for a model without a chat template."""
+    :class:`~lens_safety.core.errors.ChatTemplateError` for a model without a chat template, and
+    :class:`~lens_safety.core.errors.InputError` when one of ``prompts`` ends its instruction elsewhere (a
+    template that merges the text's last token with the tokens after it).
+
+    >>> import lens_safety as ls
+    >>> harm_positions(ls.testing.tiny_model(), ["Make a bomb"])
+    (11, 10)
+    """
     T = template_positions(model)
+    if prompts is not None:
+        ps = as_prompt_set(prompts)
+        formatted = model.format(ps)
+        lengths = [len(model.tokenizer(f, add_special_tokens=False)["input_ids"]) for f in formatted]
+        for p, (_, end), n in zip(ps, model.user_token_spans(ps, formatted), lengths):
+            if n - end != T:
+                raise InputError(f"In {model.name}'s chat format the instruction {p.text[:60]!r} is followed by "
+                                 f"{n - end} template tokens, not {T}: its last token is not at position -{T + 1}. "
+                                 "Drop or rephrase it (or strip trailing whitespace).")
     return T + 1, T
 
 
@@ -323,7 +339,7 @@ def harm_refusal_analysis(model, harmful, harmless, jailbreaks=None, *, borderli
     cfg = config_from_options(HarmConfig, config, options, function="harm_refusal_analysis")
     harmful, harmless = as_prompt_set(harmful, "harmful"), as_prompt_set(harmless, "harmless")
     groups = _as_groups(jailbreaks)
-    k, T = harm_positions(model)
+    k, T = harm_positions(model, PromptSet([*harmful, *harmless, *(p for g in groups.values() for p in g)]))
     if -cfg.refusal_position > T:
         raise InputError(f"refusal_position={cfg.refusal_position} is outside the {T} post-instruction template "
                          f"tokens of {model.name}; use -1..-{T}.")

@@ -88,8 +88,10 @@ class SteeringResult:
     def load(cls, directory: str | os.PathLike) -> SteeringResult:
         _, meta = store.read_artifact(directory, kind="SteeringResult", schema_version=SCHEMA_VERSION)
         try:
-            return cls(store.frame_from_json(meta["rows"]), meta["orthogonalized"], meta["false_refusal"],
-                       meta["model_name"], meta["baseline"])
+            nan = {k: {n: float("nan") if v is None else v for n, v in meta[k].items()}  # JSON wrote NaN as null
+                   for k in ("orthogonalized", "false_refusal", "baseline")}
+            return cls(store.frame_from_json(meta["rows"]), nan["orthogonalized"], nan["false_refusal"],
+                       meta["model_name"], nan["baseline"])
         except (KeyError, TypeError, ValueError) as e:
             raise CacheError(f"{directory}: saved SteeringResult is malformed ({e}); recompute it.") from e
 
