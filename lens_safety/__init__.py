@@ -39,6 +39,8 @@ _PUBLIC: dict[str, tuple[str, ...]] = {  # module -> the public names it holds
     "analyses.patching": ("PatchConfig", "patch_layers", "PatchResult", "attribution_patch",),
     "analyses.directions": ("select_refusal_direction", "DirectionSelection", "RefusalDirection", "ablate", "add",
                            "orthogonalize", "SelectionFilters",),
+    "analyses.harm": ("harm_refusal_analysis", "HarmRefusalResult", "HarmConfig", "harm_positions", "steering_tests",
+                      "SteeringResult", "harm_judgement",),
     "pipeline": ("run_pipeline", "render_report", "Verdict",),
 }
 _EXPORTS: dict[str, str] = {name: module for module, names in _PUBLIC.items() for name in names}

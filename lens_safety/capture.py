@@ -48,8 +48,8 @@ from .core import assets, parallel
 from .core.errors import CacheError, InputError, ModelMismatchError, NonFiniteActivationError
 from .core.store import atomic_dir, jsonable, read_json, sha256_file, sha256_json, write_json_atomic
 from .core.validation import check_finite, check_int, check_same_model, config_from_options
-from .inputs.prompts import Prompt, PromptSet, as_prompt_set
-from .model.loading import SafetyModel
+from .inputs.prompts import Prompt, PromptSet, as_prompt_set, load_prompts
+from .model.loading import SafetyModel, load_model, resolve_dtype
 
 __all__ = ["Residuals", "collect_residuals", "capture_command", "CaptureConfig", "SCHEMA_VERSION",
            "NonFiniteActivationError", "prompt_to_json"]
@@ -601,8 +601,6 @@ def _capture_batch(model: SafetyModel, texts: list[str], names: list[str], posit
 def _load_prompt_source(spec: str, label: str | None) -> PromptSet:
     """A built-in set name, or a .txt (one prompt a line), .jsonl or .csv file (column ``text``
     or ``prompt``; a ``label`` column when present, else ``label`` or the file's stem)."""
-    from .inputs.prompts import load_prompts
-
     path = Path(os.path.expanduser(spec))
     if not path.is_file():
         if path.suffix in (".txt", ".jsonl", ".csv") or os.sep in spec:
@@ -714,8 +712,6 @@ def capture_command(prompts: str | Sequence[str], out: str | os.PathLike, *, con
     >>> acts = capture_command(["Hi there"], out, model=ls.testing.tiny_model(), cache=False,
     ...                        progress=False)   # doctest: +SKIP
     """
-    from .model.loading import load_model, resolve_dtype
-
     cfg = CaptureConfig.from_options(config, **options)
     positions = cfg.positions
     specs = [prompts] if isinstance(prompts, str) else list(prompts)

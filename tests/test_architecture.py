@@ -4,11 +4,16 @@ floors (core < inputs < model < capture < behaviour < analyses < pipeline < cli)
 
 Every import statement counts, those inside functions too: a function-level import is what lets
 a cycle run (it only postpones the circular import to call time), so it is an edge like any other.
+
+The package's own modules are imported at module top; only a light module (one that loads without torch,
+``LIGHT``) keeps an import of a module that loads torch inside the function that needs it.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -306,16 +311,119 @@ def test_moved_names_stay_importable_from_their_old_modules():
     assert lens_safety.TunedLens is translators.TunedLens and lens_safety.compare_lenses is tuned_lens.compare_lenses
 
 
-@pytest.mark.parametrize("module", ["judges", "jailbreaks", "prompts", "report", "store", "validation", "stats"])
-def test_light_modules_do_not_import_torch(module):
-    """The judges, prompts and the report's module load without torch (as ``import lens_safety`` promises):
-    a heavy import belongs inside the function that needs it."""
-    import subprocess
-    import sys
+#: The modules that load without torch, and must stay so: ``import lens_safety`` promises it, and the command
+#: line, the judges, the prompts, the figures and the report's registry start fast.
+LIGHT = ("__init__", "__main__", "cli",
+         "core", "core.assets", "core.errors", "core.figures", "core.htmlreport", "core.parallel", "core.stats",
+         "core.store", "core.validation",
+         "inputs", "inputs.jailbreaks", "inputs.prompts",
+         "model", "model.sources",
+         "behaviour", "behaviour.figures", "behaviour.judges", "behaviour.judges.calibrated",
+         "behaviour.judges.labelled", "behaviour.judges.model_judge", "behaviour.judges.resolve",
+         "behaviour.judges.rules",
+         "analyses", "analyses.figures", "analyses.lens",
+         "pipeline", "pipeline.config", "pipeline.html", "pipeline.stage")
 
-    code = f"import sys, lens_safety.{module}; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False", out.stderr
+
+def _dotted_name(module: str, name: str = "lens_safety") -> str:
+    return name if module == "__init__" else f"{name}.{module}"
+
+
+def test_light_modules_do_not_import_torch():
+    """The light modules load without torch: imported one after another in a fresh interpreter, the first that
+    brings torch in is named (an import that needs torch belongs inside the function that needs it)."""
+    assert set(LIGHT) <= set(_modules(PACKAGE))
+    code = ("import sys\nfor name in sys.argv[1:]:\n    __import__(name)\n"
+            "    if 'torch' in sys.modules:\n        sys.exit(f'importing {name} loads torch')")
+    out = subprocess.run([sys.executable, "-c", code, *map(_dotted_name, LIGHT)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+#: Run in a fresh interpreter: does the import statement ``argv[2]`` (with ``argv[1]`` first on the path) load
+#: torch? A stand-in answers the first request for torch and stops there, so no real torch loads (fast).
+_TORCH_PROBE = """
+import importlib.machinery, sys
+
+class TorchRequested(BaseException):
+    pass
+
+class StandIn:
+    requested = False
+    def find_spec(self, fullname, path=None, target=None):
+        return importlib.machinery.ModuleSpec(fullname, self) if fullname == "torch" else None
+    def create_module(self, spec):
+        StandIn.requested = True
+        raise TorchRequested
+    def exec_module(self, module):
+        pass
+
+sys.path.insert(0, sys.argv[1])
+sys.meta_path.insert(0, StandIn())
+try:
+    exec(sys.argv[2])
+except BaseException:
+    if not StandIn.requested:
+        raise
+print(StandIn.requested or "torch" in sys.modules)
+"""
+
+
+def _loads_torch(package: Path, statement: str) -> bool:
+    out = subprocess.run([sys.executable, "-c", _TORCH_PROBE, str(package.parent), statement],
+                         capture_output=True, text=True, cwd=package.parent)
+    assert out.returncode == 0, f"{statement}: {out.stderr}"
+    return out.stdout.strip() == "True"
+
+
+def _nested_imports(path: Path) -> set[tuple[int, int]]:
+    """``(line, column)`` of each import statement inside a function or a class body of a file."""
+    def walk(node: ast.AST, nested: bool) -> Iterator[ast.AST]:
+        for child in ast.iter_child_nodes(node):
+            if nested and isinstance(child, (ast.Import, ast.ImportFrom)):
+                yield child
+            yield from walk(child, nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))
+
+    return {(node.lineno, node.col_offset) for node in walk(ast.parse(path.read_text(encoding="utf-8")), False)}
+
+
+def misplaced_imports(package: Path, light: tuple[str, ...], name: str = "lens_safety") -> list[str]:
+    """Imports of the package's own modules inside a function or a class that belong at the module top: all of
+    them outside the ``light`` modules; inside a light module those that load no torch (a light module keeps an
+    import lazy only to stay torch-free)."""
+    modules = _modules(package)
+    nested = {module: _nested_imports(path) for module, path in modules.items()}
+    probed: dict[str, bool] = {}
+    faults = []
+    for module, node, target in _imports(package, name):
+        if (node.lineno, node.col_offset) not in nested[module]:
+            continue
+        where = ".".join(p for p in (name, target) if p)
+        statement = (f"import {where}" if isinstance(node, ast.Import)
+                     else f"from {where} import {', '.join(a.name for a in node.names)}")
+        if module not in light:
+            faults.append((module, node.lineno, statement))
+        elif not probed.setdefault(statement, _loads_torch(package, statement)):
+            faults.append((module, node.lineno, f"{statement} (loads no torch)"))
+    return [f"{module} (line {line}): {text}" for module, line, text in sorted(faults)]
+
+
+def test_own_modules_are_imported_at_module_top():
+    faults = misplaced_imports(PACKAGE, LIGHT)
+    assert not faults, ("Imports of lens_safety modules inside a function or class; move them to the module top "
+                        "(only a module in LIGHT keeps one of a module that loads torch there):\n" + "\n".join(faults))
+
+
+def test_the_import_placement_check_reads_functions_classes_and_torch(tmp_path):
+    pkg = _package(tmp_path, {"heavy.py": "import torch\nx = 1\n", "plain.py": "y = 2\n",
+                              "light.py": "from .plain import y\n"
+                                          "def f():\n    from .heavy import x\n    from .plain import y\n"
+                                          "    import lens_safety.heavy\n",
+                              "other.py": "if True:\n    from . import plain\n"
+                                          "class K:\n    from .plain import y\n"
+                                          "    def m(self):\n        from . import heavy\n"})
+    assert misplaced_imports(pkg, ("light",)) == ["light (line 4): from lens_safety.plain import y (loads no torch)",
+                                                  "other (line 4): from lens_safety.plain import y",
+                                                  "other (line 6): from lens_safety import heavy"]
 
 
 MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_PARAMETERS = 800, 100, 12

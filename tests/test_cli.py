@@ -19,9 +19,12 @@ from lens_safety.cli import build_parser, main
 @pytest.fixture()
 def no_model(monkeypatch):
     """Any attempt to load a model fails the test: validation must happen first."""
+    import lens_safety.capture
     import lens_safety.models as models
+    import lens_safety.pipeline.runner
 
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for module in (models, lens_safety.capture, lens_safety.pipeline.runner):  # each binds load_model
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
 
 
 def _subparsers(parser):
@@ -148,9 +151,9 @@ def test_fetch_explains_hub_ids_and_unknown_names(no_model, capsys):
 
 
 def test_capture_writes_residuals(tiny, home, tmp_path, monkeypatch, capsys):
-    import lens_safety.models as models
+    import lens_safety.capture
 
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: tiny)
+    monkeypatch.setattr(lens_safety.capture, "load_model", lambda *a, **k: tiny)  # capture_command looks it up there
     out = tmp_path / "acts"
     assert main(["capture", "harmless", "borderline", "--n", "2", "--out", str(out), "--no-progress"]) == 0
     assert str(out) in capsys.readouterr().out

@@ -144,12 +144,14 @@ def test_notebooks_draw_and_assert():
     import nbformat
 
     books = {p.stem: nbformat.read(p, as_version=4) for p in NOTEBOOKS}
-    for stem in ("01_quickstart", "02_probes", "03_logit_lens", "04_patching", "05_refusal_direction"):
+    for stem in ("01_quickstart", "02_probes", "03_logit_lens", "04_patching", "05_refusal_direction",
+                 "06_harm_vs_refusal"):
         assert plotting_cells(books[stem]), stem
     found = {stem: assert_statements(b) for stem, b in books.items()}
     assert _normal("assert (again.predict(jb) == svm.predict(jb)).all()") in found["02_probes"]
     assert {s.split(",")[0] for s in found["04_patching"]} >= {"assert len(pairs) > 0", "assert layer is not None"}
     assert any(s.startswith(_normal("assert gap < 1e-3")) for s in found["05_refusal_direction"])
+    assert any(s.startswith("assert rows.loc['+refusal', 'refusal_delta'] > 0") for s in found["06_harm_vs_refusal"])
     for stem, b in books.items():  # the real-model run can record each of them (test_notebook_executes)
         marked, n = instrument_asserts(b)
         assert n == len(found[stem]) and len(marked.cells) == len(b.cells) + 1, stem

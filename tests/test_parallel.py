@@ -233,9 +233,9 @@ def test_capture_command_writes_a_loadable_folder(tiny, tmp_path):
     ({"device_map": "everywhere"}, "--device-map"),
 ])
 def test_capture_command_validates_before_loading(tmp_path, monkeypatch, kwargs, match):
-    import lens_safety.models as models
+    import lens_safety.capture
 
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(lens_safety.capture, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     args = {"prompts": ["harmless"], "out": tmp_path / "o", **kwargs}
     with pytest.raises(InputError, match=match):
         capture_command(args.pop("prompts"), args.pop("out"), **args)

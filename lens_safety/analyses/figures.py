@@ -30,6 +30,7 @@ from ..core.figures import (
     visible_text,
 )
 from ..core.htmlreport import OfflineView
+from ..core.stats import nanmean
 
 __all__ = ["CATEGORY_COLORS", "new_figure", "figure_axes", "line_with_band", "lens_heatmap",
            "category_mass_figure", "graft_figure", "lens_kl_figure", "tuned_lens_training_figure",
@@ -351,7 +352,6 @@ def patch_figure(result, ax=None, *, n_boot: int = 1000, seed: int = 0, normaliz
         fig, (ax1, ax) = plt.subplots(
             2, 1, figsize=(max(6.0, 0.38 * result.n_layers + 2), 2.4 + 0.5 * len(rows) + 3),
             gridspec_kw={"height_ratios": [0.5 * len(rows) + 0.6, 3]}, layout="constrained")
-        from ..core.stats import nanmean
 
         mat = np.array([nanmean(result.recovery_matrix(c, d, norm), 0) for c, d in rows])
         lim = max(1.0, float(np.nanmax(np.abs(mat))) if np.isfinite(mat).any() else 1.0)

@@ -25,6 +25,7 @@ from ..inputs.jailbreaks import jailbreak, jailbreak_methods
 from ..inputs.prompts import Prompt, PromptSet
 from ..model.generation import check_decoding, to_prompt_set
 from ..model.loading import SafetyModel
+from . import figures as viz
 from .judges import Judge, as_judge
 from .refusal import (
     ASR_COLUMNS,
@@ -154,8 +155,6 @@ class PairSet(Sequence[JailbreakPair]):
     def plot(self, ax=None):
         """Score gaps of kept and dropped candidates per method
         (:func:`~lens_safety.behaviour.figures.pair_gap_figure`)."""
-        from . import figures as viz
-
         return viz.pair_gap_figure(self, ax=ax)
 
     def save(self, directory: str | os.PathLike) -> Path:

@@ -43,9 +43,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..capture import prompt_to_json
+from ..capture import prompt_to_json, software_key
 from ..core import assets, parallel
 from ..core.errors import CacheError, InputError
+from ..core.stats import wilson_interval
 from ..core.store import read_artifact, sha256_json, write_artifact
 from ..core.validation import check_same_model
 from ..inputs.prompts import Prompt, PromptSet
@@ -60,6 +61,7 @@ from ..model.generation import (
     to_prompt_set,
 )
 from ..model.loading import SafetyModel, forward_logits
+from . import figures as viz
 from .judges import OUTCOMES, SUBSTRING_PHRASES, CallableJudge, Judge, as_judge, default_judge
 
 __all__ = [
@@ -352,8 +354,6 @@ class RefusalResult:
         """
         import pandas as pd
 
-        from ..core.stats import wilson_interval
-
         n = len(self)
         rows = []
         for o in OUTCOMES:
@@ -418,8 +418,6 @@ class RefusalResult:
 
     def plot(self, ax=None, bins: int = 30):
         """Histogram of first-token scores per group (:func:`lens_safety.analyses.figures.refusal_score_figure`)."""
-        from . import figures as viz
-
         return viz.refusal_score_figure(self, ax=ax, bins=bins)
 
     # -- persistence ------------------------------------------------------------------
@@ -452,8 +450,6 @@ class RefusalResult:
 def _result_key(model: SafetyModel, ps: PromptSet, formatting: dict, max_new_tokens: int) -> dict[str, Any]:
     """What decides the completions and scores (not the judge: verdicts are tagged with its identity):
     the same model, tokenizer and transformers version as the capture key, then prompts and decoding."""
-    from ..capture import software_key
-
     return {"schema_version": SCHEMA_VERSION, "weights_hash": model.weights_hash,
             "model_dtype": str(model.dtype), **software_key(model), "prompts_hash": ps.hash(),
             "formatting": formatting, "max_new_tokens": max_new_tokens, "decoding": "greedy"}
@@ -674,7 +670,6 @@ def attack_success(plain: RefusalResult, jailbroken: RefusalResult):
             d["n_plain_refused"] += 1
             d["n_complied"] += o == "complied"
             d["n_unengaged"] += o == "unengaged"
-    from ..core.stats import wilson_interval
 
     out = []
     for m, d in rows.items():

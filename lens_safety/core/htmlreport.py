@@ -21,6 +21,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .errors import UnknownNameError
+from .store import write_text_atomic
+
 __all__ = ["HtmlDocument", "OfflineView", "safe_json", "circuitsvis_bundle", "circuitsvis_props"]
 
 _STYLE = """
@@ -164,8 +167,6 @@ class HtmlDocument:
         if columns is not None:
             missing = [c for c in columns if c not in frame.columns]
             if missing:
-                from .errors import UnknownNameError
-
                 raise UnknownNameError(f"columns {missing} are not in the table; it has {list(frame.columns)}.")
             full = self._html_table(frame, max_rows, float_format)
             shown = self._html_table(frame[columns], max_rows, float_format)
@@ -216,6 +217,4 @@ class HtmlDocument:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the page atomically."""
-        from .store import write_text_atomic
-
         return write_text_atomic(path, self.render())

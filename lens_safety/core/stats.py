@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .errors import InputError
+
 __all__ = ["z_value", "wilson_interval", "auroc_interval", "mean_ci", "bootstrap_ci", "bootstrap_rows",
            "permutation_pvalue", "nanmean", "bootstrap_ratio_ci"]
 
@@ -33,8 +35,6 @@ def z_value(level: float = 0.95) -> float:
 
 def _check_level(level: float) -> None:
     if not 0 < level < 1:
-        from .errors import InputError
-
         raise InputError(f"level must be in (0, 1), got {level!r} (0.95 for a 95% interval).")
 
 

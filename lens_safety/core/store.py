@@ -39,7 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .errors import CacheError
+from .errors import CacheError, InputError
 
 __all__ = ["TENSORS", "META", "sha256_file", "sha256_json", "jsonable", "atomic_dir", "write_json_atomic",
            "write_text_atomic", "MARKERS", "is_ours", "check_replaceable", "read_json", "write_artifact",
@@ -128,8 +128,6 @@ def is_ours(directory: str | os.PathLike) -> bool:
 def check_replaceable(directory: str | os.PathLike) -> None:
     """Raise :class:`~lens_safety.core.errors.InputError` unless ``directory`` is absent, an empty folder
     or a folder lens_safety wrote (:func:`is_ours`): a user's own folder is never deleted."""
-    from .errors import InputError
-
     directory = Path(directory)
     if not directory.exists() and not directory.is_symlink():
         return

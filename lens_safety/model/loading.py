@@ -29,7 +29,15 @@ from typing import Any
 import torch
 
 from ..core import assets
-from ..core.errors import ChatTemplateError, InputError, LensSafetyError, LoadGuardError, PromptTooLongError
+from ..core.errors import (
+    ChatTemplateError,
+    InputError,
+    LensSafetyError,
+    LoadGuardError,
+    ModelMismatchError,
+    PromptTooLongError,
+)
+from ..core.store import atomic_dir, write_json_atomic
 from ..inputs.prompts import PromptSet, as_prompt_set
 from .sources import (
     _CONVERSION_VERSION,
@@ -290,8 +298,6 @@ class SafetyModel:
 
         >>> edited.save_pretrained("qwen-orthogonalized")  # doctest: +SKIP
         """
-        from ..core.store import atomic_dir, write_json_atomic
-
         hf = hf_model_copy(self)
         with atomic_dir(directory) as tmp:
             hf.save_pretrained(tmp, safe_serialization=True)
@@ -303,8 +309,6 @@ class SafetyModel:
 
     def check_compatible(self, weights_hash: str, d_model: int | None = None, what: str = "data") -> None:
         """Raise :class:`ModelMismatchError` if ``what`` was made with another model."""
-        from ..core.errors import ModelMismatchError
-
         if d_model is not None and d_model != self.d_model:
             raise ModelMismatchError(f"The {what} has d_model={d_model}, but {self.name} has "
                                      f"d_model={self.d_model}: it was made with another model.")

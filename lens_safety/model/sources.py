@@ -25,6 +25,7 @@ from typing import Any
 
 from ..core import assets
 from ..core.errors import AssetError, InputError, LensSafetyError, OfflineError, UnknownNameError
+from ..core.store import write_json_atomic
 
 __all__ = ["EmbeddedModel", "EMBEDDED_MODELS", "DEFAULT_MODEL", "list_models", "resolve_source", "convert_gguf",
            "converted_ok"]
@@ -99,8 +100,6 @@ def convert_gguf(gguf_path: Path, gguf_sha256: str) -> Path:
 
 def _seal(folder: Path, meta: dict[str, Any]) -> None:
     """Record the sha256 of every file of a converted folder in its meta.json."""
-    from ..core.store import write_json_atomic
-
     files = {f.name: assets.sha256_file(f) for f in sorted(folder.iterdir())
              if f.is_file() and f.name != "meta.json"}
     write_json_atomic(folder / "meta.json", dict(meta, files=files))

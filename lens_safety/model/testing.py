@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from .loading import SafetyModel, weights_fingerprint
+from .loading import SafetyModel, check_model, guard_logits, weights_fingerprint
 
 __all__ = ["tiny_tokenizer", "tiny_model", "tiny_hf_model"]
 
@@ -101,8 +101,6 @@ def tiny_model(kind: str = "hf", seed: int = 0, n_layers: int = 3, d_model: int 
 
     tok = tiny_tokenizer(vocab_size)
     if kind in ("hf", "gpt2"):
-        from .loading import check_model, guard_logits
-
         hf = tiny_hf_model(seed, n_layers, d_model, vocab_size) if kind == "hf" else \
             _tiny_gpt2_hf(seed, n_layers, d_model, vocab_size)
         ref = guard_logits(hf, tok)

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..behaviour.judges import judge_identity
 from ..core.errors import CacheError, InputError
 from ..core.store import jsonable, read_json, sha256_json, write_json_atomic
-from .config import RunConfig, make_config, sample_sets
+from ..model.loading import SafetyModel, load_model
+from .config import JUDGES, RunConfig, make_config, sample_sets
 from .html import build_html
 from .stage import Context, RunInfo, Stage, StageResult, StaleStageError
 from .stages import STAGES
@@ -92,7 +94,7 @@ class Runner:
         missing = [u for u in stage.needs if u not in self.keys]
         if missing:
             raise RuntimeError(f"Stage {stage.name!r} needs {missing}, which have not run yet.")
-        return sha256_json({"stage": stage.name, "stage_version": stage.version, "lens_safety_version": _version(),
+        return sha256_json({"stage": stage.name, "stage_version": stage.version, "lens_safety_version": __version__,
                             **self.base_key, "config": {k: getattr(self.cfg, k) for k in sorted(stage.reads)},
                             **jsonable(stage.key(ctx)), "judges": self.judge_identities() if stage.judged else None,
                             "inputs": {u: self.keys[u] for u in stage.needs}})
@@ -127,9 +129,6 @@ def judge_identities(model) -> dict[str, str | None]:
     the keys of the stages that judge; ``None`` for one that cannot be built here."""
     import warnings
 
-    from ..behaviour.judges import judge_identity
-    from .config import JUDGES
-
     out: dict[str, str | None] = {}
     for name in JUDGES:
         try:
@@ -139,12 +138,6 @@ def judge_identities(model) -> dict[str, str | None]:
         except Exception:  # noqa: BLE001 - as in the judge comparison: a judge that cannot run is reported there
             out[name] = None
     return out
-
-
-def _version() -> str:
-    from .. import __version__ as version  # read at call time: a test may change it
-
-    return version
 
 
 def _check_out(out: str | os.PathLike) -> Path:
@@ -230,8 +223,6 @@ def run_pipeline(model: Any = None, out: str | os.PathLike = "lens_safety_out", 
     ``metrics.json`` holds the headline numbers, every stage's metrics, and ``verdicts``: each paper claim
     checked against the run (:mod:`lens_safety.pipeline.verdicts`).
     """
-    from ..model.loading import SafetyModel, load_model
-
     t0 = time.perf_counter()
     out_dir = _check_out(out)
     cfg = make_config(quick, n, jailbreaks, batch_size, seed, judge, **opt_in)
@@ -244,7 +235,7 @@ def run_pipeline(model: Any = None, out: str | os.PathLike = "lens_safety_out", 
     for stage in STAGES:
         runner.run_stage(stage)
     info = RunInfo(model.name, model.n_layers, cfg, dict(model.provenance, weights_hash=model.weights_hash),
-                   _version())
+                   __version__)
     metrics = _finish(out_dir, info, runner.results, runner.keys)
     return RunResult(out_dir, metrics, runner.results, time.perf_counter() - t0)
 

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..behaviour.judges import as_judge
 from ..core import store
 from ..core.errors import CacheError, InputError
+from ..inputs.jailbreaks import jailbreak
 from ..inputs.prompts import PromptSet
 from .config import RunConfig
 
@@ -243,13 +245,9 @@ class Context:
                 if k in ("harmbench", "harmless", "borderline")}
 
     def judge(self):
-        from ..behaviour.judges import as_judge
-
         return as_judge(self.config.judge, self.model)
 
     def jailbroken(self) -> PromptSet:
-        from ..inputs.jailbreaks import jailbreak
-
         harmful = self.eval_sets()["harmbench"]
         parts = [jailbreak(harmful, m, seed=self.config.seed) for m in self.config.jailbreaks]
         return PromptSet([p for part in parts for p in part], name="jailbreak")

@@ -14,6 +14,7 @@ Layers: 0 = embedding output, l = raw residual stream after block l-1 (no final 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from ...core.stats import auroc_interval, wilson_interval
 from ...core.validation import check_int, check_number, config_from_options
 from ...inputs.prompts import PromptSet, as_prompt_set
 from ..directions.selection import template_positions
+from .figures import harm_refusal_figure
 
 __all__ = ["HarmConfig", "HarmRefusalResult", "harm_refusal_analysis", "harm_positions", "gap_fraction",
            "tpr_at_fpr"]
@@ -45,7 +47,7 @@ class HarmConfig:
       token, where generation starts; ``-T`` = the first post-instruction token);
     * ``harm_layer`` / ``refusal_layer``: fix a layer instead of choosing the one whose direction best
       separates held-out harmful from harmless prompts (ties: the earliest);
-    * ``n_boot``: bootstrap resamples for the cosine and gap-fraction CIs; ``fpr``: the guard's false
+    * ``n_boot``: bootstrap resamples for the cosine (BCa) and gap-fraction CIs; ``fpr``: the guard's false
       positive rate; ``batch_size``, ``seed``, ``cache``, ``progress`` as elsewhere.
     """
 
@@ -161,8 +163,6 @@ class HarmRefusalResult:
         return self.layers
 
     def plot(self, ax=None):
-        from .figures import harm_refusal_figure
-
         return harm_refusal_figure(self, axes=ax)
 
     def summary(self) -> dict[str, Any]:
@@ -219,13 +219,21 @@ def _cosines(h: np.ndarray, r: np.ndarray) -> np.ndarray:
     return np.einsum("ld,ld->l", h, r) / np.maximum(np.linalg.norm(h, axis=1) * np.linalg.norm(r, axis=1), 1e-12)
 
 
-def _bootstrap_cosine(ha, hb, ra, rb, n_boot: int, rng) -> np.ndarray:
-    """``[n_boot, layers]`` cosines with the prompts of each class resampled (paired over positions)."""
-    out = np.empty((n_boot, ha.shape[1]))
-    for i in range(n_boot):
-        ia, ib = rng.integers(0, len(ha), len(ha)), rng.integers(0, len(hb), len(hb))
-        out[i] = _cosines(_directions(ha[ia], hb[ib]), _directions(ra[ia], rb[ib]))
-    return out
+def _cosine_ci(ha, hb, ra, rb, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """95% BCa bootstrap CI of the per-layer cosine, resampling the prompts of each class (a prompt keeps its
+    harm- and refusal-position vectors together). BCa corrects the downward bias of a cosine between noisy
+    mean differences, which a percentile interval would inherit."""
+    from scipy.stats import DegenerateDataWarning, bootstrap
+
+    def stat(ia, ib):
+        ia, ib = ia.astype(int), ib.astype(int)
+        return _cosines(_directions(ha[ia], hb[ib]), _directions(ra[ia], rb[ib]))
+
+    with warnings.catch_warnings():  # the embedding layer: one template token for every prompt, no spread
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        res = bootstrap((np.arange(len(ha)), np.arange(len(hb))), stat, n_resamples=n_boot, vectorized=False,
+                        method="BCa", random_state=seed)
+    return np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high)
 
 
 def _probe_accuracy(a: np.ndarray, b: np.ndarray, seed: int) -> np.ndarray:
@@ -243,19 +251,22 @@ def _probe_accuracy(a: np.ndarray, b: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _choose(auroc: np.ndarray, fixed: int | None, n_layers: int, what: str) -> int:
+    """The layer whose direction best separates held-out prompts (ties: the earliest), among 1..n_layers-1:
+    not the embedding (every prompt ends with the same template token there), not the final stream (nothing
+    reads it but the unembedding, so it cannot be steered)."""
     if fixed is not None:
-        return check_int(fixed, what, low=0, high=n_layers)
-    body = np.nan_to_num(auroc[1:], nan=-1.0)  # the embedding layer never counts
+        return check_int(fixed, what, low=1, high=n_layers - 1, hint="a residual layer between the blocks")
+    body = np.nan_to_num(auroc[1:n_layers], nan=-1.0)
     return int(np.argmax(body)) + 1
 
 
-def _per_layer_frame(H, R, hv, rv, cos_boot, acc) -> Any:
+def _per_layer_frame(H, R, hv, rv, cos_ci, acc) -> Any:
     import pandas as pd
 
     (ha_v, hb_v), (ra_v, rb_v) = H["val"], R["val"]
     rows = []
     cos = _cosines(hv, rv)
-    lo, hi = np.nanpercentile(cos_boot, [2.5, 97.5], axis=0)
+    lo, hi = cos_ci
     for layer in range(hv.shape[0]):
         row: dict[str, Any] = {"layer": layer, "cosine": float(cos[layer]), "cosine_ci_low": float(lo[layer]),
                                "cosine_ci_high": float(hi[layer])}
@@ -352,10 +363,10 @@ def harm_refusal_analysis(model, harmful, harmless, jailbreaks=None, *, borderli
     H = {"train": (A[tr_a, :, 0], B[tr_b, :, 0]), "val": (A[va_a, :, 0], B[va_b, :, 0])}
     R = {"train": (A[tr_a, :, ri], B[tr_b, :, ri]), "val": (A[va_a, :, ri], B[va_b, :, ri])}
     hv, rv = _directions(*H["train"]), _directions(*R["train"])
-    cos_boot = _bootstrap_cosine(*H["train"], *R["train"], cfg.n_boot, rng)
+    cos_ci = _cosine_ci(*H["train"], *R["train"], cfg.n_boot, cfg.seed)
     acc = {"harm": _probe_accuracy(A[:, :, 0], B[:, :, 0], cfg.seed),
            "refusal": _probe_accuracy(A[:, :, ri], B[:, :, ri], cfg.seed)}
-    layers = _per_layer_frame(H, R, hv, rv, cos_boot, acc)
+    layers = _per_layer_frame(H, R, hv, rv, cos_ci, acc)
     n_layers = hv.shape[0] - 1
     h_layer = _choose(layers["harm_auroc"].to_numpy(), cfg.harm_layer, n_layers, "harm_layer")
     r_layer = _choose(layers["refusal_auroc"].to_numpy(), cfg.refusal_layer, n_layers, "refusal_layer")

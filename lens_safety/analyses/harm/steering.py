@@ -27,7 +27,8 @@ from ...inputs.prompts import Prompt, PromptSet, as_prompt_set
 from ..directions.direction import RefusalDirection
 from ..directions.interventions import _batched_logits, _kl, ablate, add
 from ..directions.weights import orthogonalize
-from .geometry import HarmRefusalResult, _auroc
+from .figures import steering_figure
+from .geometry import HarmRefusalResult, _auroc, harm_positions
 
 __all__ = ["JUDGEMENT_TEMPLATE", "judgement_tokens", "harm_judgement", "SteeringResult", "steering_tests"]
 
@@ -74,8 +75,6 @@ class SteeringResult:
         return self.rows
 
     def plot(self, ax=None):
-        from .figures import steering_figure
-
         return steering_figure(self, ax=ax)
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -101,8 +100,8 @@ def _direction(model, result: HarmRefusalResult, which: str, vector: np.ndarray 
     v = result.harm[layer] if vector is None and which == "harm" else result.refusal[layer] if vector is None \
         else vector
     position = -1 if which == "harm" else result.refusal_position
-    return RefusalDirection(torch.tensor(v, dtype=torch.float32), min(layer, model.n_layers - 1), position,
-                            model.name, model.weights_hash, model.n_layers)
+    return RefusalDirection(torch.tensor(v, dtype=torch.float32), layer, position, model.name, model.weights_hash,
+                            model.n_layers)
 
 
 def _rate(x: np.ndarray) -> tuple[float, float, float]:
@@ -125,8 +124,6 @@ def _steer_row(model, steer: str, name: str, ps: PromptSet, hooks, base: dict[st
 
 def _orthogonalized(model, result: HarmRefusalResult, harmful, harmless, batch_size: int) -> dict[str, Any]:
     """Harm still recognised with the refusal direction baked out of the weights (harm-position AUROC)?"""
-    from .geometry import harm_positions
-
     k, _ = harm_positions(model)
     orth = orthogonalize(model, _direction(model, result, "refusal"))
     u = result.unit("harm")

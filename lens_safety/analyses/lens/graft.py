@@ -25,10 +25,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ...behaviour import refusal
+from ...behaviour.judges import as_judge
+from ...behaviour.refusal import RefusalTokens, generation_step
+from ...capture import Residuals
 from ...core.errors import CacheError, InputError
 from ...core.stats import mean_ci, wilson_interval
 from ...core.store import read_artifact, write_artifact
 from ...inputs.prompts import PromptSet, as_prompt_set
+from .. import figures as viz
 from .readout import SCHEMA_VERSION, _check_finite, _prompts_from_json, _prompts_to_json, lens_logits
 
 __all__ = ["GraftResult", "graft", "prompt_pass_graft_hook"]
@@ -36,8 +41,6 @@ __all__ = ["GraftResult", "graft", "prompt_pass_graft_hook"]
 
 def _donor_states(model, donor, layers: list[int], donor_label: str | None, n_prompts: int) -> dict[int, Tensor]:
     """Per grafted layer, a donor of shape [d_model] or [n_prompts, d_model]."""
-    from ...capture import Residuals
-
     d, L = model.d_model, model.n_layers
     if isinstance(donor, Residuals):
         model.check_compatible(donor.weights_hash, donor.d_model, what=f"donor residuals ({donor.model_name})")
@@ -99,8 +102,6 @@ def prompt_pass_graft_hook(model, layer: int, state: Tensor):
     position is replaced again (same result as a cached run). Outside ``generate`` the last
     position is replaced.
     """
-    from ...behaviour.refusal import generation_step
-
     def hook(t: Tensor, hook) -> Tensor | None:
         s = generation_step()
         if s is None:
@@ -239,8 +240,6 @@ class GraftResult:
     def plot(self, ax=None, level: float = 0.95):
         """Mean refusal score per grafted layer with a CI band, and the ungrafted level
         (:func:`lens_safety.analyses.figures.graft_figure`; ``ax`` a pair of axes)."""
-        from .. import figures as viz
-
         return viz.graft_figure(self, ax=ax, level=level)
 
     # -- persistence ------------------------------------------------------------------
@@ -290,8 +289,6 @@ class GraftResult:
 def _resolve_judge(model, judge):
     """A :class:`lens_safety.behaviour.judges.Judge` from ``None`` (``default_judge(model)``), a judge name,
     a judge, or a callable ``list[str] -> list[bool]`` (True = refused)."""
-    from ...behaviour.judges import as_judge
-
     if judge is not None and not (callable(judge) or isinstance(judge, str)):
         raise InputError(f"judge must be None, a judge name ('rules', 'substring', 'model'), a Judge or a callable "
                          f"list[str] -> list[bool] (True = refused), got {type(judge).__name__}.")
@@ -337,9 +334,6 @@ def graft(model, prompts, donor, layers: int | Sequence[int] | None = None, *, m
     ``"complied"`` (not refused, not unengaged). :meth:`GraftResult.summary` reports the
     largest score drop and the earliest layer where most refused requests comply (Wilson CI).
     """
-    from ...behaviour.refusal import RefusalTokens
-    from ...capture import Residuals
-
     ps = as_prompt_set(prompts)
     if len(ps) == 0:
         raise InputError("graft needs at least one prompt.")
@@ -383,8 +377,6 @@ def graft(model, prompts, donor, layers: int | Sequence[int] | None = None, *, m
     result = GraftResult(layers, before, after, ps, model.name, donor_desc, final_layer=model.n_layers,
                          judge=judge_obj.identity if judge_obj is not None else "")
     if generate:
-        from ...behaviour import refusal
-
         def run(hooks):
             out = refusal.generate(model, ps, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system,
                                    chat=chat, fwd_hooks=hooks, progress=progress)

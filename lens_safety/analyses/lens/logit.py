@@ -34,11 +34,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ...behaviour.refusal import RefusalTokens
 from ...core.errors import CacheError, InputError, ModelMismatchError
 from ...core.stats import mean_ci as _stats_mean_ci
 from ...core.store import read_artifact, write_artifact
 from ...core.validation import check_int
 from ...inputs.prompts import PromptSet
+from .. import figures as viz
 from .graft import GraftResult, graft
 from .readout import (
     SCHEMA_VERSION,
@@ -458,16 +460,12 @@ class LensResult:
         (``prompt=i`` for one prompt, ``label=`` for a set's most frequent tokens). Returns the
         matplotlib Figure (see :func:`~lens_safety.analyses.figures.category_mass_figure`,
         :func:`~lens_safety.analyses.figures.lens_heatmap`)."""
-        from .. import figures as viz
-
         if kind not in ("mass", "heatmap"):
             raise InputError(f"kind must be 'mass' or 'heatmap', got {kind!r}.")
         return (viz.category_mass_figure if kind == "mass" else viz.lens_heatmap)(self, ax=ax, **kwargs)
 
     def views(self, prompts: Sequence[int] = (0,)):
         """circuitsvis views of the chosen prompts: top-k tokens per layer (see :mod:`lens_safety.analyses.figures`)."""
-        from .. import figures as viz
-
         return [viz.lens_topk_view(self, list(prompts))]
 
     # -- persistence ------------------------------------------------------------------
@@ -573,8 +571,6 @@ def logit_lens(model, residuals, top_k: int = 5, lexicon: Lexicon | None = None,
     m = min(vocab, cat_np.size)
     cat[:m] = torch.from_numpy(cat_np[:m])
     onehot = torch.nn.functional.one_hot(cat, len(names)).to(device=model.output_device, dtype=torch.float32)
-
-    from ...behaviour.refusal import RefusalTokens
 
     rt = RefusalTokens.from_tokenizer(model.tokenizer)
     score = torch.empty((n, L), dtype=torch.float32)

@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ...capture import prompt_to_json
+from ...capture import Residuals, collect_residuals, prompt_to_json
 from ...core.errors import CacheError, InputError, ModelMismatchError
 from ...core.validation import check_finite
 from ...inputs.prompts import Prompt, PromptSet
@@ -43,8 +43,6 @@ def lens_logits(model, resid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, 
 
 
 def _as_residuals(model, residuals, system, chat, batch_size):
-    from ...capture import Residuals, collect_residuals
-
     if isinstance(residuals, Residuals):
         return residuals
     if isinstance(residuals, (PromptSet, list, tuple)):

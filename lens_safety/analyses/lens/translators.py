@@ -30,10 +30,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ...core import store
-from ...core.errors import CacheError, InputError
+from ...behaviour import refusal
+from ...core import assets, store
+from ...core.errors import CacheError, InputError, ModelMismatchError
 from ...core.validation import check_int, check_number
-from ...inputs.prompts import PromptSet, as_prompt_set
+from ...inputs.prompts import PromptSet, as_prompt_set, load_prompts
+from .. import figures as viz
 from .readout import _check_finite, lens_logits
 
 __all__ = ["TunedLens", "TunedLensConfig", "train_tuned_lens", "default_training_prompts", "held_out_prompts",
@@ -131,8 +133,6 @@ class TunedLens:
         """Raise :class:`~lens_safety.core.errors.ModelMismatchError` unless this lens was trained on ``model``."""
         model.check_compatible(self.weights_hash, self.d_model, what=f"tuned lens (trained on {self.model_name})")
         if self.n_layers != model.n_layers:
-            from ...core.errors import ModelMismatchError
-
             raise ModelMismatchError(f"The tuned lens has {self.n_layers} translators; {model.name} has "
                                      f"{model.n_layers} layers. Train a lens for this model.")
 
@@ -191,8 +191,6 @@ class TunedLens:
 
     def plot(self, ax=None):
         """The training curve (estimated KL averaged over layers, per step)."""
-        from .. import figures as viz
-
         return viz.tuned_lens_training_figure(self, ax=ax)
 
 
@@ -200,8 +198,6 @@ class TunedLens:
 
 def tuned_lens_cache_dir() -> Path:
     """Where trained lenses are cached: ``$LENS_SAFETY_HOME/tuned_lens``."""
-    from ...core import assets
-
     return assets.cache_dir() / "tuned_lens"
 
 
@@ -210,8 +206,6 @@ SPLIT_SEED = 0  #: the train / held-out split of every set is fixed; ``seed`` on
 
 def _split(name: str, part: int) -> PromptSet:
     """The 70% train (``part=0``) or 30% held-out (``part=1``) split of a built-in set, independent of any seed."""
-    from ...inputs.prompts import load_prompts
-
     return load_prompts(name).split(0.3, seed=SPLIT_SEED)[part]
 
 
@@ -301,8 +295,6 @@ class _Data:
 
 
 def _collect(model, ps: PromptSet, cfg: TunedLensConfig, system, chat, progress: bool) -> _Data:
-    from ...behaviour import refusal
-
     t0 = time.perf_counter()
     formatted = model.format(ps, system=system, chat=chat)
     if cfg.max_new_tokens > 0:

@@ -60,8 +60,9 @@ import numpy as np
 import torch
 
 from ...core import store
-from ...core.errors import InputError
+from ...core.errors import CacheError, InputError
 from ...core.stats import mean_ci
+from .. import figures as viz
 from .logit import LensResult, logit_lens
 from .readout import _as_residuals, _check_finite, _check_residuals_any, lens_logits
 from .translators import (  # the tuned lens itself, re-exported: this is its public module
@@ -203,8 +204,6 @@ class LensComparison:
 
     def plot(self, categories: Sequence[str] = ("refusal", "positive"), axes=None):
         """KL per layer for both lenses, then each category's mass curves with both lenses."""
-        from .. import figures as viz
-
         return viz.lens_comparison_figure(self, categories=categories, axes=axes)
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -219,8 +218,6 @@ class LensComparison:
     def load(cls, directory: str | os.PathLike) -> LensComparison:
         """Load what :meth:`save` wrote; :class:`~lens_safety.core.errors.CacheError` if it or one of its
         sub-folders is missing or damaged."""
-        from ...core.errors import CacheError
-
         _, meta = store.read_artifact(directory, kind="LensComparison", schema_version=SCHEMA_VERSION,
                                       framework="numpy")
         try:

@@ -14,6 +14,7 @@ import numpy as np
 from ...core import store
 from ...core.errors import CacheError, InputError
 from ...core.validation import check_int
+from ..figures import claim1_figure
 from .results import SCHEMA_VERSION, LayerAccuracy, ProbeResult
 
 CLAIM1_VERDICTS = ("reproduced", "partly", "not reproduced")
@@ -65,8 +66,6 @@ class Claim1Verdict:
     def plot(self, ax=None, others: Sequence[Claim1Verdict] = ()):
         """Accuracy curve(s) with CI bands, the threshold and the early-layer band. Returns the Figure
         (drawn by :func:`lens_safety.analyses.figures.claim1_figure`)."""
-        from ..figures import claim1_figure
-
         return claim1_figure([self, *others], ax=ax)
 
     _LAYERS = ("first", "early_best", "best")

@@ -17,6 +17,7 @@ from ...core import store
 from ...core.errors import CacheError, InputError, ModelMismatchError
 from ...core.stats import wilson_interval
 from ...core.validation import check_same_model
+from ..figures import probe_figure, transfer_figure
 from .estimators import _CLASSIFIERS, ProbeNotFittedError, _Probe
 from .features import _check_finite, _feature_position, _features, _unit, request_groups
 
@@ -213,8 +214,6 @@ class ProbeResult:
              relative_depth: bool = False, label: str | None = None, controls: bool = True):
         """Accuracy vs layer with 95% CI bands and control lines; overlay ``others``. Returns the Figure
         (drawn by :func:`lens_safety.analyses.figures.probe_figure`)."""
-        from ..figures import probe_figure
-
         return probe_figure(self, ax=ax, others=others, relative_depth=relative_depth, label=label,
                             controls=controls)
 
@@ -324,8 +323,6 @@ class TransferResult:
     def plot(self, ax=None, relative_depth: bool = False, label: str | None = None):
         """Fraction classified ``positive`` per layer with its CI band. Returns the Figure
         (drawn by :func:`lens_safety.analyses.figures.transfer_figure`)."""
-        from ..figures import transfer_figure
-
         return transfer_figure(self, ax=ax, relative_depth=relative_depth, label=label)
 
     _ARRAYS = ("positive_rate", "rate_low", "rate_high", "accuracy", "acc_low", "acc_high")

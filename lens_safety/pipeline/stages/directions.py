@@ -21,6 +21,9 @@ from ...analyses.directions import (
     split_prompts,
 )
 from ...analyses.probes import probe_layers
+from ...behaviour.judges import as_judge
+from ...behaviour.refusal import evaluate_refusal, first_token_scores
+from ...capture import Residuals
 from ...core import store
 from ...core.errors import InputError
 from ...inputs.prompts import PromptSet, as_prompt_set, load_prompts
@@ -73,8 +76,6 @@ def _held_out(harmful: PromptSet, harmless: PromptSet, study: DirectionStudy) ->
 
 
 def _orthogonalized(model, d, h_eval, study: DirectionStudy, judge, progress: bool) -> tuple[Any, dict[str, Any]]:
-    from ...behaviour.refusal import evaluate_refusal, first_token_scores
-
     orth = orthogonalize(model, d)
     hooked = first_token_scores(model, h_eval, batch_size=16, fwd_hooks=ablate(d))
     baked = first_token_scores(orth, h_eval, batch_size=16)
@@ -97,8 +98,6 @@ def direction_study(model, harmful, harmless, borderline=None, study: DirectionS
     identity). The metrics hold the three rates of each set and condition with Wilson 95% CIs
     (``harmful_refusal_ablated``, ``harmful_refusal_ablated_ci``, ``harmful_compliance_ablated`` ...).
     """
-    from ...behaviour.judges import as_judge
-
     harmful, harmless = as_prompt_set(harmful, "harmful"), as_prompt_set(harmless, "harmless")
     judge = as_judge(judge, model)
     t0 = time.perf_counter()
@@ -154,8 +153,6 @@ def break_band(results: dict[str, StageResult]) -> tuple[int, int] | None:
 def direction_probes(ctx):
     """Linear (SVM) probes harmbench vs harmless, refit on all prompts: their normals are compared with the
     refusal direction layer by layer (the geometry figure)."""
-    from ...capture import Residuals
-
     two = Residuals.concat([ctx.residuals("harmless"), ctx.residuals("harmbench")])
     return probe_layers(two, classifier="svm", cv=3, seed=ctx.config.seed, controls=False, progress=False,
                         positive="harmful", task="2-way", n_permutations=0)

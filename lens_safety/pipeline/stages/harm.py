@@ -60,7 +60,7 @@ class HarmStage(Stage):
     reads = ("harm", "quick", "seed", "batch_size", "n_eval", "jailbreaks", "judge", "max_new_tokens")
     judged = True
     result = HarmStageResult
-    claims = {}
+    version = 2
 
     def run(self, ctx) -> HarmStageResult:
         if not ctx.config.harm:
@@ -112,7 +112,8 @@ class HarmStage(Stage):
 
     def verdicts(self, result: HarmStageResult, run) -> dict[str, Any]:
         return {"harm_vs_refusal": verdict_harm_vs_refusal(result.analysis.jailbreaks),
-                "harm_steering": verdict_harm_steering(result.steering.to_frame()),
+                "harm_steering": verdict_harm_steering(result.steering.to_frame(),
+                                                       result.steering.baseline.get("judgement_auroc")),
                 "latent_guard": verdict_latent_guard(result.analysis.guard)}
 
     def tables(self, result: HarmStageResult) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from ...analyses.lens.tuned import (
     lens_kl,
     train_tuned_lens,
 )
+from ...capture import Residuals, collect_residuals
 from ..readme import fmt
 from ..stage import Stage, StageResult, figure_png
 from ..verdicts import verdict_claim2, verdict_text
@@ -49,8 +50,6 @@ def readout_quality(ctx, acts):
     tuned lens's LensResult on ``acts`` or None)."""
     import pandas as pd
 
-    from ...capture import collect_residuals
-
     n = 8 if ctx.config.quick else 16  # per class (harmful, harmless): 2n held-out prompts
     train, held_ps = default_training_prompts(), held_out_prompts(n, seed=ctx.config.seed)
     check_held_out(train, held_ps)
@@ -72,8 +71,6 @@ class LensStage(Stage):
 
     def run(self, ctx) -> LensStageResult:
         from tqdm.auto import tqdm
-
-        from ...capture import Residuals
 
         acts = Residuals.concat([ctx.residuals(k) for k in ("harmless", "harmbench", "jailbreak")])
         bar = tqdm(total=3, desc="logit lens", unit="step", disable=not ctx.progress)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...analyses.probes import claim1_verdict, probe_layers, probe_transfer
+from ...capture import Residuals
 from ..config import HARMLESS_SETS
 from ..stage import Stage, StageResult, figure_png
 from ..verdicts import verdict_claim1, verdict_text
@@ -33,8 +34,6 @@ class ProbesStage(Stage):
 
     def run(self, ctx) -> ProbesStageResult:
         import matplotlib.pyplot as plt
-
-        from ...capture import Residuals
 
         seed, progress = ctx.config.seed, ctx.progress
         harmless, harmful, jb = (ctx.residuals(k) for k in ("harmless", "harmbench", "jailbreak"))

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...behaviour.judges import as_judge
+from ...core.stats import wilson_interval
 from ..config import JUDGES
 from ..readme import fmt
 from ..stage import Stage, StageResult, figure_png
@@ -41,9 +43,6 @@ def compare_judges(model, results: dict[str, Any], used: str):
     import numpy as np
     import pandas as pd
     from sklearn.metrics import cohen_kappa_score
-
-    from ...behaviour.judges import as_judge
-    from ...core.stats import wilson_interval
 
     refused = {}
     for name in [j for j in JUDGES if j != "model" or used == "model"]:  # the model judge costs a forward/reply
