@@ -246,3 +246,17 @@ def test_readme_figures_exist_and_are_pngs():
     assert len(figures) >= 4
     for f in figures:
         assert (root / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
+
+
+def test_readme_harm_block_is_generated_from_the_committed_harm_run():
+    """The README's harm-vs-refusal block equals harm_table(benchmarks/results/harm_quick_metrics.json).
+    Regenerate with:
+    python -m lens_safety.pipeline.readme readme benchmarks/results/harm_quick_metrics.json README.md --block harm"""
+    from lens_safety.pipeline.readme import harm_table
+
+    metrics = json.loads((ROOT / "benchmarks" / "results" / "harm_quick_metrics.json").read_text())
+    assert metrics["headline"]["model"] == ls.DEFAULT_MODEL and metrics["config"]["harm"] is True
+    text = README.read_text(encoding="utf-8")
+    block = text.split("<!-- harm:begin -->")[1].split("<!-- harm:end -->")[0]
+    assert block == "\n" + harm_table(metrics), "README.md's harm block is out of date (see the docstring)"
+    assert set(metrics["verdicts"]) >= {"harm_vs_refusal", "harm_steering", "latent_guard"}

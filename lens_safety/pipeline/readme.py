@@ -16,7 +16,7 @@ from ..core.store import read_json
 from .config import DEFAULT_N
 from .verdicts import is_missing
 
-__all__ = ["readme_table", "update_readme", "fmt", "ci_text", "graft_earliest_text", "main"]
+__all__ = ["readme_table", "harm_table", "update_readme", "fmt", "ci_text", "graft_earliest_text", "main"]
 
 
 def fmt(x: Any, digits: int = 2) -> str:
@@ -156,17 +156,74 @@ def readme_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(metrics_path: str | os.PathLike, readme_path: str | os.PathLike, *, check: bool = False) -> bool:
-    """Replace the block between ``<!-- metrics:begin -->`` and ``<!-- metrics:end -->`` in the
-    README by :func:`readme_table` of ``metrics_path``. Returns True when the README changed
-    (with ``check=True`` nothing is written)."""
+def harm_table(metrics: dict[str, Any]) -> str:
+    """The README's harm-vs-refusal block (Markdown) from the ``metrics.json`` of a run with ``--harm``.
+
+    >>> print(harm_table({"headline": {"model": "m", "harm": {"harm_layer": 20, "harm_auroc": 0.9,
+    ...     "refusal_layer": 22, "refusal_position": -1, "refusal_auroc": 0.8, "cosine_at_harm_layer": 0.3,
+    ...     "cosine_at_refusal_layer": 0.5}}, "verdicts": {}, "config": {"n_eval": 16}}).splitlines()[4])
+    | harm direction: layer, held-out AUROC | 20, 0.900 |
+    """
+    h = (metrics.get("headline") or {}).get("harm") or {}
+    if not h:
+        return "No harm-vs-refusal stage in this run (`lens-safety run --harm`).\n"
+    rows = [("harm direction: layer, held-out AUROC", f"{h['harm_layer']}, {h['harm_auroc']:.3f}"),
+            ("refusal direction: layer, template position, held-out AUROC",
+             f"{h['refusal_layer']}, {h['refusal_position']}, {h['refusal_auroc']:.3f}"),
+            ("cosine(harm, refusal) at the harm / refusal layer",
+             f"{h['cosine_at_harm_layer']:.2f} / {h['cosine_at_refusal_layer']:.2f}")]
+    for key, (frac, lo, hi) in (h.get("gap_fraction") or {}).items():
+        group, direction = key.rsplit("/", 1)
+        rows.append((f"{group}: {direction} gap fraction", f"{fmt(frac)}{ci_text(lo, hi, digits=2)}"))
+    for key, g in (h.get("guard") or {}).items():
+        group, detector = key.rsplit("/", 1)
+        rows.append((f"guard, {detector}: {group}",
+                     f"AUROC {fmt(g['auroc'], 3)}, TPR at {g['fpr']:.0%} FPR {fmt(g['tpr'])}"))
+    for key, d in (h.get("steering") or {}).items():
+        (j, jl, jh), (r, rl, rh) = d["judgement"], d["refusal"]
+        rows.append((f"steering {key}: harm judgement / refusal score",
+                     f"{fmt(j)}{ci_text(jl, jh, digits=2)} / {fmt(r)}{ci_text(rl, rh, digits=2)}"))
+    j = h.get("judgement") or {}
+    if j:
+        rows.append(("the model's own yes/no judgement, harmful vs harmless AUROC", fmt(j.get("judgement_auroc"), 3)))
+    o = h.get("orthogonalized") or {}
+    if o:
+        rows.append(("refusal direction orthogonalised: harm AUROC / harmful first-token refusal",
+                     f"{fmt(o.get('harm_auroc_plain'), 3)} -> {fmt(o.get('harm_auroc_orthogonalized'), 3)} / "
+                     f"{fmt(o.get('harmful_refusal_plain'))} -> {fmt(o.get('harmful_refusal_orthogonalized'))}"))
+    f = h.get("false_refusal") or {}
+    if f:
+        rows.append(("targeted false-refusal fix: borderline / harmful first-token refusal, harmless KL",
+                     f"{fmt(f.get('borderline_refusal_plain'))} -> {fmt(f.get('borderline_refusal_targeted'))} / "
+                     f"{fmt(f.get('harmful_refusal_plain'))} -> {fmt(f.get('harmful_refusal_targeted'))}, "
+                     f"KL {fmt(f.get('harmless_kl_targeted'), 3)}"))
+    for key in ("harm_vs_refusal", "harm_steering", "latent_guard"):
+        v = (metrics.get("verdicts") or {}).get(key)
+        if v:
+            rows.append((f"verdict {key.replace('_', ' ')}", v["status"]))
+    cfg = metrics.get("config", {})
+    lines = [f"Model `{metrics['headline'].get('model')}`, {'quick' if cfg.get('quick') else 'full'} run "
+             f"(jailbreaks: {', '.join(cfg.get('jailbreaks') or [])}; steering on {cfg.get('n_eval')} prompts "
+             "per set):", "", "| measure | value |", "|---|---|"]
+    return "\n".join(lines + [f"| {a} | {b} |" for a, b in rows]) + "\n"
+
+
+BLOCKS = {"metrics": readme_table, "harm": harm_table}  # README marker -> the table written between its markers
+
+
+def update_readme(metrics_path: str | os.PathLike, readme_path: str | os.PathLike, *, check: bool = False,
+                  block: str = "metrics") -> bool:
+    """Replace the block between ``<!-- {block}:begin -->`` and ``<!-- {block}:end -->`` in the README by its
+    table (:data:`BLOCKS`: :func:`readme_table` or :func:`harm_table`) of ``metrics_path``. Returns True when
+    the README changed (with ``check=True`` nothing is written)."""
+    begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
     text = Path(readme_path).read_text(encoding="utf-8")
-    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
-        raise InputError(f"{readme_path} must contain one {README_BEGIN} and one {README_END} line.")
-    head, rest = text.split(README_BEGIN)
-    _, tail = rest.split(README_END)
-    block = readme_table(read_json(metrics_path, what="metrics.json"))
-    new = f"{head}{README_BEGIN}\n{block}{README_END}{tail}"
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise InputError(f"{readme_path} must contain one {begin} and one {end} line.")
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    table = BLOCKS[block](read_json(metrics_path, what="metrics.json"))
+    new = f"{head}{begin}\n{table}{end}{tail}"
     if new != text and not check:
         Path(readme_path).write_text(new, encoding="utf-8")
     return new != text
@@ -183,8 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("metrics", help="a run's metrics.json")
     r.add_argument("readme", help="README.md with <!-- metrics:begin --> / <!-- metrics:end --> markers")
     r.add_argument("--check", action="store_true", help="only check: exit 1 if the README is out of date")
+    r.add_argument("--block", choices=sorted(BLOCKS), default="metrics",
+                   help="which generated block: the run's measured table (metrics) or the harm-vs-refusal one")
     args = p.parse_args(argv)
-    changed = update_readme(args.metrics, args.readme, check=args.check)
+    changed = update_readme(args.metrics, args.readme, check=args.check, block=args.block)
     print(f"{args.readme}: {'out of date' if args.check and changed else 'updated' if changed else 'up to date'}")
     return 1 if args.check and changed else 0
 

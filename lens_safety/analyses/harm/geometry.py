@@ -231,6 +231,7 @@ def _cosine_ci(ha, hb, ra, rb, n_boot: int, seed: int) -> tuple[np.ndarray, np.n
 
     with warnings.catch_warnings():  # the embedding layer: one template token for every prompt, no spread
         warnings.simplefilter("ignore", DegenerateDataWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)  # its jackknife divides 0 by 0 there
         res = bootstrap((np.arange(len(ha)), np.arange(len(hb))), stat, n_resamples=n_boot, vectorized=False,
                         method="BCa", random_state=seed)
     return np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high)
