@@ -95,8 +95,10 @@ def test_the_planted_harm_feature_is_found_and_the_directions_are_hand_computed(
     u = hv[r.harm_layer] / np.linalg.norm(hv[r.harm_layer])
     frac = gap_fraction(acts["jb"][:, r.harm_layer, 0] @ u, acts["harmful"][va_a, r.harm_layer, 0] @ u,
                         acts["harmless"][va_b, r.harm_layer, 0] @ u)
-    row = r.jailbreaks.set_index(["group", "direction"]).loc[("ignore", "harm")]
+    row = r.jailbreaks.set_index(["group", "direction", "layer"]).loc[("ignore", "harm", r.harm_layer)]
     assert row["fraction"] == pytest.approx(frac) and row["n"] == len(jb)
+    assert len(r.jailbreaks) == 2 * (model.n_layers + 1)  # every layer, both directions
+    assert list(r.chosen_fractions()["layer"]) == [r.harm_layer, r.refusal_layer]
     joint = r.joint[r.joint["set"] == "harmful"]
     assert np.allclose(joint["harm_projection"], acts["harmful"][:, r.harm_layer, 0] @ u)
 

@@ -29,7 +29,7 @@ def harm_refusal_figure(result, axes=None):
     a1.set_xlabel("residual layer")
     a1.set_title("Two directions, layer by layer")
     a1.legend(fontsize=7)
-    jb = result.jailbreaks
+    jb = result.chosen_fractions()
     groups = list(dict.fromkeys(jb["group"]))
     x = np.arange(len(groups))
     for off, (name, color) in zip((-0.2, 0.2), (("harm", "#d62728"), ("refusal", "#1f77b4"))):

@@ -162,6 +162,13 @@ class HarmRefusalResult:
     def to_frame(self):
         return self.layers
 
+    def chosen_fractions(self):
+        """The rows of :attr:`jailbreaks` at each direction's own layer (what the verdict reads)."""
+        jb = self.jailbreaks
+        at = ((jb["direction"] == "harm") & (jb["layer"] == self.harm_layer)) | (
+            (jb["direction"] == "refusal") & (jb["layer"] == self.refusal_layer))
+        return jb[at].reset_index(drop=True)
+
     def plot(self, ax=None):
         return harm_refusal_figure(self, axes=ax)
 
@@ -282,18 +289,35 @@ def _per_layer_frame(H, R, hv, rv, cos_ci, acc) -> Any:
     return pd.DataFrame(rows)
 
 
-def _fractions(groups: Mapping[str, np.ndarray], a: np.ndarray, b: np.ndarray, u: np.ndarray, layer: int,
-               direction: str, n_boot: int, rng) -> list[dict[str, Any]]:
-    """Gap fraction of every group at ``layer`` along ``u``, with a bootstrap CI (all three sets resampled)."""
-    pa, pb = a[:, layer] @ u, b[:, layer] @ u
+def _units(v: np.ndarray) -> np.ndarray:
+    """Unit rows (a zero row stays zero)."""
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def _fractions(groups: Mapping[str, np.ndarray], a: np.ndarray, b: np.ndarray, v: np.ndarray, direction: str,
+               n_boot: int, rng) -> list[dict[str, Any]]:
+    """Gap fraction of every group at every layer along that layer's direction (``v``: ``[layers, d]``), with
+    a bootstrap CI (the group and both reference sets resampled)."""
+    u = _units(v)
+    pa, pb = np.einsum("nld,ld->nl", a, u), np.einsum("nld,ld->nl", b, u)
+
+    def frac(px, qa, qb):
+        gap = qa.mean(0) - qb.mean(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(gap == 0, np.nan, (px.mean(0) - qb.mean(0)) / gap)
+
     rows = []
     for name, x in groups.items():
-        px = x[:, layer] @ u
-        boot = [gap_fraction(px[rng.integers(0, len(px), len(px))], pa[rng.integers(0, len(pa), len(pa))],
-                             pb[rng.integers(0, len(pb), len(pb))]) for _ in range(n_boot)]
-        lo, hi = np.nanpercentile(boot, [2.5, 97.5])
-        rows.append({"group": name, "direction": direction, "layer": layer, "fraction": gap_fraction(px, pa, pb),
-                     "ci_low": float(lo), "ci_high": float(hi), "n": len(px)})
+        px = np.einsum("nld,ld->nl", x, u)
+        boot = np.array([frac(px[rng.integers(0, len(px), len(px))], pa[rng.integers(0, len(pa), len(pa))],
+                              pb[rng.integers(0, len(pb), len(pb))]) for _ in range(n_boot)])
+        with warnings.catch_warnings():  # a layer whose gap is 0 (the embedding, at a template token): NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0)
+        point = frac(px, pa, pb)
+        rows += [{"group": name, "direction": direction, "layer": layer, "fraction": float(point[layer]),
+                  "ci_low": float(lo[layer]), "ci_high": float(hi[layer]), "n": len(px)}
+                 for layer in range(u.shape[0])]
     return rows
 
 
@@ -387,8 +411,8 @@ def _fill_groups(result: HarmRefusalResult, captured: dict[str, np.ndarray], H, 
 
     harm_g = {n: x[:, :, 0] for n, x in captured.items()}
     ref_g = {n: x[:, :, ri] for n, x in captured.items()}
-    fr = (_fractions(harm_g, *H["val"], result.unit("harm"), result.harm_layer, "harm", cfg.n_boot, rng)
-          + _fractions(ref_g, *R["val"], result.unit("refusal"), result.refusal_layer, "refusal", cfg.n_boot, rng))
+    fr = (_fractions(harm_g, *H["val"], result.harm, "harm", cfg.n_boot, rng)
+          + _fractions(ref_g, *R["val"], result.refusal, "refusal", cfg.n_boot, rng))
     result.jailbreaks = pd.DataFrame(fr, columns=["group", "direction", "layer", "fraction", "ci_low", "ci_high", "n"])
     guard = (_guard_rows(harm_g, H["val"][1], result.unit("harm"), result.harm_layer, "harm direction", cfg.fpr)
              + _guard_rows(ref_g, R["val"][1], result.unit("refusal"), result.refusal_layer, "refusal direction",

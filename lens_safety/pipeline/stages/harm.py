@@ -60,7 +60,7 @@ class HarmStage(Stage):
     reads = ("harm", "quick", "seed", "batch_size", "n_eval", "jailbreaks", "judge", "max_new_tokens")
     judged = True
     result = HarmStageResult
-    version = 2
+    version = 3
 
     def run(self, ctx) -> HarmStageResult:
         if not ctx.config.harm:
@@ -91,7 +91,7 @@ class HarmStage(Stage):
 
     def metrics(self, result: HarmStageResult) -> dict[str, Any]:
         a, s = result.analysis, result.steering
-        jb = a.jailbreaks
+        jb = a.chosen_fractions()
         return {**a.summary(), "refusal_source": result.source["from"],
                 "gap_fraction": {f"{r.group}/{r.direction}": [r.fraction, r.ci_low, r.ci_high]
                                  for r in jb.itertuples()},
@@ -111,7 +111,7 @@ class HarmStage(Stage):
         return {"harm": self.metrics(result)}
 
     def verdicts(self, result: HarmStageResult, run) -> dict[str, Any]:
-        return {"harm_vs_refusal": verdict_harm_vs_refusal(result.analysis.jailbreaks),
+        return {"harm_vs_refusal": verdict_harm_vs_refusal(result.analysis.chosen_fractions()),
                 "harm_steering": verdict_harm_steering(result.steering.to_frame(),
                                                        result.steering.baseline.get("judgement_auroc")),
                 "latent_guard": verdict_latent_guard(result.analysis.guard)}
@@ -145,8 +145,9 @@ class HarmStage(Stage):
         for name, png in result.figures.items():
             doc.image(png, name.replace("_", " ") + ".")
         t = self.tables(result)
-        doc.table(t["harm_jailbreaks"], "Jailbroken prompts on each direction, as a fraction of the harmful-"
-                  "harmless gap at the chosen layer (bootstrap 95% CI over prompts).")
+        doc.table(result.analysis.chosen_fractions(), "Jailbroken prompts on each direction, as a fraction of the "
+                  "harmful-harmless gap at the direction's layer (bootstrap 95% CI over prompts; every layer in "
+                  "tables/harm_jailbreaks.csv).")
         doc.table(t["harm_guard"], "Latent guard: each direction's projection as a detector of jailbroken harmful "
                   "prompts vs held-out harmless ones (AUROC with CI; TPR at the FPR, Wilson CI).",
                   columns=["group", "detector", "auroc", "auroc_ci_low", "auroc_ci_high", "tpr", "fpr", "n_pos",
