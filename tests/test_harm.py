@@ -241,6 +241,13 @@ def test_the_harm_stage_is_opt_in_and_runs_through_the_registry(tmp_path, monkey
     assert result.skipped is None and set(result.figures) == {"harm_refusal", "harm_steering"}
     assert set(result.analysis.jailbreaks["group"]) == {"prefix_injection"}
     assert result.source["refusal_position"] == -1  # no directions stage: the last template token
+    assert result.judge_guard == {}  # no refusal stage in this context: no judge to compare
+    from types import SimpleNamespace
+
+    asr = pd.DataFrame({"method": ["prefix_injection"], "jailbroken_refusal_rate": [0.25]})
+    fake = SimpleNamespace(skipped=None, asr=asr, results={"harmless": SimpleNamespace(refusal_rate=0.125)})
+    assert S.harm.judge_as_guard({"refusal": fake}) == {
+        "prefix_injection/judge (reply refused)": {"auroc": None, "tpr": 0.25, "fpr": 0.125}}
     again = type(result).load(result.save(tmp_path / "stage"))
     assert again.analysis.harm_layer == result.analysis.harm_layer
     pd.testing.assert_frame_equal(again.steering.to_frame(), result.steering.to_frame())

@@ -177,8 +177,8 @@ def harm_table(metrics: dict[str, Any]) -> str:
         rows.append((f"{group}: {direction} gap fraction", f"{fmt(frac)}{ci_text(lo, hi, digits=2)}"))
     for key, g in (h.get("guard") or {}).items():
         group, detector = key.rsplit("/", 1)
-        rows.append((f"guard, {detector}: {group}",
-                     f"AUROC {fmt(g['auroc'], 3)}, TPR at {g['fpr']:.0%} FPR {fmt(g['tpr'])}"))
+        auroc = "" if g.get("auroc") is None else f"AUROC {fmt(g['auroc'], 3)}, "
+        rows.append((f"guard, {detector}: {group}", f"{auroc}TPR at {g['fpr']:.0%} FPR {fmt(g['tpr'])}"))
     for key, d in (h.get("steering") or {}).items():
         (j, jl, jh), (r, rl, rh) = d["judgement"], d["refusal"]
         rows.append((f"steering {key}: harm judgement / refusal score",

@@ -21,6 +21,18 @@ class HarmStageResult(StageResult):
     analysis: Any = None  # HarmRefusalResult
     steering: Any = None  # SteeringResult
     source: dict[str, Any] = field(default_factory=dict)  # where the refusal position / layer came from
+    judge_guard: dict[str, Any] = field(default_factory=dict)  # the judge on the replies, as a detector
+
+
+def judge_as_guard(results) -> dict[str, Any]:
+    """The refusal judge as a detector of jailbroken harmful requests, per method: TPR = replies to wrapped
+    requests (refused when plain) judged refused, FPR = harmless replies judged refused (the refusal stage)."""
+    refusal = results.get("refusal")
+    if refusal is None or refusal.skipped or refusal.asr is None or "harmless" not in refusal.results:
+        return {}
+    fpr = float(refusal.results["harmless"].refusal_rate)
+    return {f"{r.method}/judge (reply refused)": {"auroc": None, "tpr": float(r.jailbroken_refusal_rate), "fpr": fpr}
+            for r in refusal.asr.itertuples()}
 
 
 def jailbreak_groups(ctx) -> dict[str, PromptSet]:
@@ -60,7 +72,7 @@ class HarmStage(Stage):
     reads = ("harm", "quick", "seed", "batch_size", "n_eval", "jailbreaks", "judge", "max_new_tokens")
     judged = True
     result = HarmStageResult
-    version = 3
+    version = 4
 
     def run(self, ctx) -> HarmStageResult:
         if not ctx.config.harm:
@@ -86,6 +98,7 @@ class HarmStage(Stage):
         except (ChatTemplateError, InputError) as e:
             return HarmStageResult.skip(f"Harm vs refusal could not be measured on this model: {e}")
         return HarmStageResult(analysis=analysis, steering=steering, source=source,
+                               judge_guard=judge_as_guard(ctx.results),
                                figures={"harm_refusal": figure_png(analysis.plot()),
                                         "harm_steering": figure_png(steering.plot())})
 
@@ -95,8 +108,8 @@ class HarmStage(Stage):
         return {**a.summary(), "refusal_source": result.source["from"],
                 "gap_fraction": {f"{r.group}/{r.direction}": [r.fraction, r.ci_low, r.ci_high]
                                  for r in jb.itertuples()},
-                "guard": {f"{r.group}/{r.detector}": {"auroc": r.auroc, "tpr": r.tpr, "fpr": r.fpr}
-                          for r in a.guard.itertuples()},
+                "guard": {**{f"{r.group}/{r.detector}": {"auroc": r.auroc, "tpr": r.tpr, "fpr": r.fpr}
+                             for r in a.guard.itertuples()}, **result.judge_guard},
                 "steering": {f"{r.steer} on {r.prompts}": {"judgement": [r.judgement_delta, r.judgement_ci_low,
                                                                           r.judgement_ci_high],
                                                             "refusal": [r.refusal_delta, r.refusal_ci_low,
