@@ -24,7 +24,7 @@ from ..inputs.prompts import PromptSet
 from .config import RunConfig
 
 __all__ = ["Stage", "StageResult", "Context", "ConfigView", "StaleStageError", "STAGE_KIND", "STAGE_SCHEMA",
-           "figure_png"]
+           "figure_png", "GENERATION_READS"]
 
 STAGE_KIND = "lens_safety.stage"
 STAGE_SCHEMA = 4  # bump when the stored stage format changes, so every old stage cache is rebuilt
@@ -145,6 +145,11 @@ class _Png:
         if store.sha256_file(directory / "figure.png") != meta["sha256"]:
             raise CacheError(f"{directory / 'figure.png'} does not match its recorded sha256; the stage is rebuilt.")
         return (directory / "figure.png").read_bytes()
+
+
+#: The settings a stage reads when it generates and judges replies through :meth:`Context.refusal` or
+#: :meth:`Context.pairs` (the eval sets, the jailbreaks, the judge and the generation budget).
+GENERATION_READS = ("n_eval", "seed", "judge", "max_new_tokens", "batch_size", "jailbreaks")
 
 
 class ConfigView:

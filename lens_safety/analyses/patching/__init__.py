@@ -10,14 +10,8 @@ refusal score at the last position moves toward the source run.
 - ``direction="noise"``: run the PLAIN prompt with the JAILBROKEN run's activations patched
   in: does the refusal vanish?
 
-**Recovery**, two normalisations (both computable from the stored raw scores):
-
-- ``normalize="pair"`` (default): per pair, ``(patched - target) / (source - target)``;
-  0 = no effect, 1 = the source run's score. The mean over pairs weighs every pair equally.
-- ``normalize="mean"`` (TransformerLens' convention): by the mean gap over pairs,
-  ``(patched - target) / mean(source - target)``; its mean over pairs is
-  ``(patched_mean - target_mean) / (source_mean - target_mean)``, which weighs pairs by their gap
-  and cannot blow up on one small-gap pair.
+**Recovery**: ``normalize="pair"`` (default, per pair) or ``"mean"`` (TransformerLens' convention, by the
+mean gap over pairs); see :mod:`.recovery`.
 
 **The metric** is :meth:`lens_safety.behaviour.refusal.RefusalTokens.score` at the last input position.
 By default (``mode="margin"``) it is the **max-logit margin**: the largest refusal-start logit

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..readme import fmt
-from ..stage import Stage, StageResult
+from ..stage import GENERATION_READS, Stage, StageResult
 
 
 @dataclass
@@ -17,7 +17,7 @@ class PairsStageResult(StageResult):
 class PairsStage(Stage):
     name = "pairs"
     needs = ("refusal",)
-    reads = ("n_eval", "seed", "judge", "max_new_tokens", "batch_size", "jailbreaks")
+    reads = GENERATION_READS
     judged = True
     result = PairsStageResult
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...analyses.patching import patch_layers
-from ..stage import Stage, StageResult, figure_png
+from ..stage import GENERATION_READS, Stage, StageResult, figure_png
 from ..verdicts import is_missing, verdict_claim3, verdict_text
 
 DIRECTIONS = ("denoise", "noise")
@@ -36,7 +36,7 @@ def round_robin(pairs, n: int) -> list:
 class PatchingStage(Stage):
     name = "patching"
     needs = ("pairs",)
-    reads = ("n_eval", "seed", "judge", "max_new_tokens", "batch_size", "jailbreaks", "n_pairs")
+    reads = GENERATION_READS + ("n_pairs",)
     result = PatchingStageResult
     claims = {"claim3": "claim 3"}
 

@@ -10,7 +10,7 @@ from ...behaviour.judges import as_judge
 from ...core.stats import wilson_interval
 from ..config import JUDGES
 from ..readme import fmt
-from ..stage import Stage, StageResult, figure_png
+from ..stage import GENERATION_READS, Stage, StageResult, figure_png
 
 OUTCOME_LABELS = (("refused", "refusal"), ("complied", "compliance"), ("unengaged", "unengaged"))
 
@@ -73,7 +73,7 @@ def compare_judges(model, results: dict[str, Any], used: str):
 class RefusalStage(Stage):
     name = "refusal"
     needs = ("prompts",)
-    reads = ("n_eval", "seed", "judge", "max_new_tokens", "batch_size", "jailbreaks")
+    reads = GENERATION_READS
     judged = True
     result = RefusalStageResult
 
