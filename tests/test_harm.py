@@ -77,6 +77,10 @@ def test_the_planted_harm_feature_is_found_and_the_directions_are_hand_computed(
     assert (body["cosine_ci_low"] <= body["cosine"] + 1e-9).all()
     assert (body["cosine"] <= body["cosine_ci_high"] + 1e-9).all()
     assert layers.loc[r.harm_layer, "harm_auroc"] == 1.0  # the planted word separates perfectly
+    # the project's probe reads the planted word at the harm position from the embedding on; at the refusal
+    # position (the template's last token) the embedding is the same for every prompt: chance
+    assert layers.loc[0, "probe_accuracy_harm_position"] == 1.0
+    assert layers.loc[0, "probe_accuracy_refusal_position"] <= 0.6
     # layer 0 is the embedding output: the harm direction is the difference of the two words' embeddings
     ids = [model.tokenizer(w, add_special_tokens=False)["input_ids"][-1] for w in (" bomb", " bread")]
     W = model.bridge.W_E.detach().double().numpy()

@@ -21,15 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from jaxtyping import Float
 
-from ...capture import collect_residuals
+from ...capture import Residuals, collect_residuals
 from ...core import store
 from ...core.errors import CacheError, InputError
 from ...core.stats import auroc_interval, wilson_interval
 from ...core.validation import check_int, check_number, config_from_options
 from ...inputs.prompts import PromptSet, as_prompt_set
 from ..directions.selection import template_positions
+from ..probes import probe_layers
 from .figures import harm_refusal_figure
 
 __all__ = ["HarmConfig", "HarmRefusalResult", "harm_refusal_analysis", "harm_positions", "gap_fraction",
@@ -244,18 +246,15 @@ def _cosine_ci(ha, hb, ra, rb, n_boot: int, seed: int) -> tuple[np.ndarray, np.n
     return np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high)
 
 
-def _probe_accuracy(a: np.ndarray, b: np.ndarray, seed: int) -> np.ndarray:
-    """5-fold CV accuracy of a logistic-regression probe per layer (``a`` harmful, ``b`` harmless)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    y = np.r_[np.ones(len(a)), np.zeros(len(b))]
-    folds = StratifiedKFold(n_splits=min(5, len(a), len(b)), shuffle=True, random_state=seed)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.1))
-    return np.array([cross_val_score(probe, np.r_[a[:, layer], b[:, layer]], y, cv=folds).mean()
-                     for layer in range(a.shape[1])])
+def _probe_accuracy(model, harmful: PromptSet, harmless: PromptSet, a: np.ndarray, b: np.ndarray,
+                    where: str, seed: int) -> np.ndarray:
+    """Per-layer accuracy of the project's logistic probe (:func:`~lens_safety.probe_layers`, 5-fold CV grouped
+    by request) on the residuals ``a`` (harmful) and ``b`` (harmless), ``[n, layers, d]`` at one position."""
+    acts = Residuals(torch.from_numpy(np.concatenate([a, b]).astype(np.float32)), PromptSet([*harmful, *harmless]),
+                     torch.zeros(len(a) + len(b), dtype=torch.long), model.name, model.weights_hash, where)
+    probes = probe_layers(acts, classifier="logistic", cv=min(5, len(a), len(b)), seed=seed, controls=False,
+                          n_permutations=0, progress=False, positive="harmful", task=f"2-way at the {where}")
+    return probes.to_frame()["accuracy"].to_numpy()
 
 
 def _choose(auroc: np.ndarray, fixed: int | None, n_layers: int, what: str) -> int:
@@ -389,8 +388,9 @@ def harm_refusal_analysis(model, harmful, harmless, jailbreaks=None, *, borderli
     R = {"train": (A[tr_a, :, ri], B[tr_b, :, ri]), "val": (A[va_a, :, ri], B[va_b, :, ri])}
     hv, rv = _directions(*H["train"]), _directions(*R["train"])
     cos_ci = _cosine_ci(*H["train"], *R["train"], cfg.n_boot, cfg.seed)
-    acc = {"harm": _probe_accuracy(A[:, :, 0], B[:, :, 0], cfg.seed),
-           "refusal": _probe_accuracy(A[:, :, ri], B[:, :, ri], cfg.seed)}
+    acc = {"harm": _probe_accuracy(model, harmful, harmless, A[:, :, 0], B[:, :, 0], "harm position", cfg.seed),
+           "refusal": _probe_accuracy(model, harmful, harmless, A[:, :, ri], B[:, :, ri], "refusal position",
+                                      cfg.seed)}
     layers = _per_layer_frame(H, R, hv, rv, cos_ci, acc)
     n_layers = hv.shape[0] - 1
     h_layer = _choose(layers["harm_auroc"].to_numpy(), cfg.harm_layer, n_layers, "harm_layer")

@@ -72,7 +72,7 @@ class HarmStage(Stage):
     reads = ("harm", "quick", "seed", "batch_size", "n_eval", "jailbreaks", "judge", "max_new_tokens")
     judged = True
     result = HarmStageResult
-    version = 4
+    version = 5
 
     def run(self, ctx) -> HarmStageResult:
         if not ctx.config.harm:
