@@ -24,6 +24,7 @@ _PUBLIC: dict[str, tuple[str, ...]] = {  # module -> the public names it holds
     "model.loading": ("load_model", "SafetyModel", "list_models", "DEFAULT_MODEL", "EMBEDDED_MODELS",),
     "inputs.prompts": ("Prompt", "PromptSet", "load_prompts", "prompt_sets", "length_report", "PromptSetInfo",),
     "inputs.jailbreaks": ("jailbreak", "jailbreak_methods", "jailbreak_templates", "JailbreakMethod",),
+    "model.recording": ("generate", "record_generation", "ReplyRecording", "RecordSpec", "Sampling",),
     "capture": ("collect_residuals", "Residuals",),
     "behaviour.refusal": ("evaluate_refusal", "RefusalResult",),
     "behaviour.pairs": ("jailbreak_pairs", "JailbreakPair", "PairSet",),

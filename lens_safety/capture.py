@@ -48,8 +48,8 @@ from .core import assets, parallel
 from .core.errors import CacheError, InputError, ModelMismatchError, NonFiniteActivationError
 from .core.store import atomic_dir, jsonable, read_json, sha256_file, sha256_json, write_json_atomic
 from .core.validation import check_finite, check_int, check_same_model, config_from_options
-from .inputs.prompts import Prompt, PromptSet, as_prompt_set, load_prompts
-from .model.loading import SafetyModel, load_model, resolve_dtype
+from .inputs.prompts import Prompt, PromptSet, as_prompt_set, load_prompts, prompt_to_json
+from .model.loading import SafetyModel, load_model, resolve_dtype, software_key
 
 __all__ = ["Residuals", "collect_residuals", "capture_command", "CaptureConfig", "SCHEMA_VERSION",
            "NonFiniteActivationError", "prompt_to_json"]
@@ -217,12 +217,6 @@ class Residuals:
                    meta.get("formatting", {}), meta.get("model_dtype", "torch.float32"), meta.get("revision"))
 
 
-def prompt_to_json(p: Prompt) -> dict[str, Any]:
-    """A prompt as saved results store it (JSON-safe; ``Prompt(**d)`` reads it back)."""
-    return {"text": p.text, "label": p.label, "source": p.source, "licence": p.licence,
-            "category": p.category, "request": p.request, "method": p.method, "meta": jsonable(p.meta)}
-
-
 # -- safetensors written row by row (so huge sets never sit in RAM) ------------------------
 
 _DTYPES = {torch.float32: ("F32", np.float32), torch.int64: ("I64", np.int64)}
@@ -316,14 +310,6 @@ def _read_entry(directory: Path, mmap: bool = False) -> tuple[Tensor, Tensor, di
 
 
 # -- capture ------------------------------------------------------------------------------
-
-def software_key(model: SafetyModel) -> dict[str, Any]:
-    """The part of a cache key that the weights do not pin: the transformers version (it computes
-    the forward pass) and the tokenizer (:meth:`~lens_safety.model.loading.SafetyModel.tokenizer_key`)."""
-    import transformers
-
-    return {"transformers_version": transformers.__version__, "tokenizer": model.tokenizer_key()}
-
 
 def _cache_key(model: SafetyModel, ps: PromptSet, positions: str | int, formatting: dict,
                truncate: bool) -> dict[str, Any]:

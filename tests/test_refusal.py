@@ -469,7 +469,7 @@ def test_jailbreak_pairs_takes_a_config_or_keywords(tiny, monkeypatch):
     config = P.PairsConfig(n=2, seed=1, max_new_tokens=5, batch_size=3, cache=False, progress=True, min_gap=2.0)
     by_config = P.jailbreak_pairs(tiny, reqs, config=config, progress=False)
     assert seen[:2] == seen[2:] and seen[0] == {"max_new_tokens": 5, "batch_size": 3, "system": None, "chat": None,
-                                                "cache": False, "progress": False}
+                                                "cache": False, "progress": False, "record": None}
     assert by_keywords.config == by_config.config and by_config.config["n_requests"] == 2
     assert by_config.config["min_gap"] == 2.0 and config.progress is True  # the config itself is unchanged
     with pytest.raises(TypeError, match="'max_new_token'.*valid options: max_new_tokens"):

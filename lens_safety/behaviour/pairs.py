@@ -37,7 +37,7 @@ from .refusal import (
     evaluate_refusal,
 )
 
-__all__ = ["MIN_GAP", "DROPPED_COLUMNS", "JailbreakPair", "PairSet", "PairsConfig", "jailbreak_pairs"]
+__all__ = ["MIN_GAP", "DROPPED_COLUMNS", "JailbreakPair", "PairSet", "PairsConfig", "jailbreak_pairs", "wrapped_sets"]
 
 #: Default minimum first-token score gap ``plain_score - jailbroken_score`` (logits) of a kept pair.
 MIN_GAP = 1.0
@@ -210,9 +210,9 @@ class PairsConfig:
       kept pair (default :data:`MIN_GAP` = 1.0).
     * ``judge``: ``None`` for the default judge, a name, a :class:`~lens_safety.behaviour.judges.Judge`
       or a callable, as in :func:`~lens_safety.behaviour.refusal.evaluate_refusal`.
-    * ``max_new_tokens``, ``batch_size``, ``system``, ``chat``, ``cache``, ``progress``: passed to every
-      :func:`~lens_safety.behaviour.refusal.evaluate_refusal` call (greedy reply length, batch size,
-      prompt formatting, the on-disk cache, a progress bar).
+    * ``max_new_tokens``, ``batch_size``, ``system``, ``chat``, ``cache``, ``progress``, ``record``: passed
+      to every :func:`~lens_safety.behaviour.refusal.evaluate_refusal` call (greedy reply length, batch size,
+      prompt formatting, the on-disk cache, a progress bar, the layers recorded along the replies).
 
     >>> cfg = PairsConfig(n=8)
     >>> PairsConfig.from_options(cfg, min_gap=2.0).min_gap, cfg.min_gap, cfg.max_new_tokens
@@ -233,6 +233,7 @@ class PairsConfig:
     progress: bool = True
     judge: Judge | Callable | str | None = None
     min_gap: float = MIN_GAP
+    record: Any = None
 
     def __post_init__(self) -> None:
         max_new_tokens, batch_size = check_decoding(self.max_new_tokens, self.batch_size)
@@ -289,14 +290,10 @@ def jailbreak_pairs(model: SafetyModel, harmful: PromptSet | Sequence[str],
         harmful = harmful.sample(min(cfg.n, len(harmful)), seed=cfg.seed)
     j = as_judge(cfg.judge, model)
     kw = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "system": cfg.system,
-          "chat": cfg.chat, "cache": cfg.cache, "progress": cfg.progress, "judge": j}
+          "chat": cfg.chat, "cache": cfg.cache, "progress": cfg.progress, "judge": j, "record": cfg.record}
     plain = evaluate_refusal(model, harmful, **kw)
     refused_idx = np.flatnonzero(plain.outcomes == "refused")
-    wrapped: dict[str, RefusalResult] = {}
-    if len(refused_idx):
-        refused = plain.subset(refused_idx)
-        for method in method_list:
-            wrapped[method] = evaluate_refusal(model, jailbreak(refused.prompts, method), **kw)
+    wrapped = {method: evaluate_refusal(model, ps, **kw) for method, ps in wrapped_sets(plain, method_list).items()}
     pairs, dropped, frames = _build_pairs(plain, wrapped, cfg.min_gap)
     asr = pd.concat(frames, ignore_index=True) if frames else None
     rt = RefusalTokens.from_tokenizer(model.tokenizer)
@@ -308,6 +305,16 @@ def jailbreak_pairs(model: SafetyModel, harmful: PromptSet | Sequence[str],
                      "n_dropped": len(dropped)}
     return PairSet(pairs, model_name=model.name, weights_hash=model.weights_hash, asr=asr, config=config_record,
                    dropped=pd.DataFrame(dropped, columns=DROPPED_COLUMNS))
+
+
+def wrapped_sets(plain: RefusalResult, methods: Sequence[str]) -> dict[str, PromptSet]:
+    """The prompts :func:`jailbreak_pairs` wraps: the requests whose plain outcome is ``"refused"``, wrapped
+    by each method (none when nothing was refused)."""
+    refused_idx = np.flatnonzero(plain.outcomes == "refused")
+    if not len(refused_idx):
+        return {}
+    refused = plain.subset(refused_idx)
+    return {method: jailbreak(refused.prompts, method) for method in methods}
 
 
 def _build_pairs(plain: RefusalResult, wrapped: dict[str, RefusalResult], min_gap: float

@@ -8,7 +8,7 @@ Two measures of refusal, computed on the same prompts:
   ``> 0`` exactly when greedy decoding starts a refusal (see :class:`RefusalTokens`).
   One forward, differentiable, no generation.
 * a judge (:mod:`lens_safety.behaviour.judges`; :func:`default_judge`) on greedy completions from
-  :func:`~lens_safety.model.generation.generate` -- each reply is ``"refused"``, ``"complied"`` or ``"unengaged"``
+  :func:`~lens_safety.model.recording.generate` -- each reply is ``"refused"``, ``"complied"`` or ``"unengaged"``
   (empty, an acknowledgement only, or unrelated to the request).
 
 :func:`evaluate_refusal` runs both (one prefill serves both the score and the first
@@ -54,13 +54,13 @@ from ..model.generation import (
     CURRENT_STEP,
     GenerationStep,
     check_decoding,
-    generate,
     generation_step,
     length_order,
     run_generation,
     to_prompt_set,
 )
 from ..model.loading import SafetyModel, forward_logits
+from ..model.recording import generate, record_generation
 from . import figures as viz
 from .judges import OUTCOMES, SUBSTRING_PHRASES, CallableJudge, Judge, as_judge, default_judge
 
@@ -285,6 +285,9 @@ class RefusalResult:
     weights_hash: str
     config: dict[str, Any] = field(default_factory=dict)
     outcomes: np.ndarray | Sequence[str] | None = None
+    #: the :class:`~lens_safety.model.recording.ReplyRecording` of these replies when ``evaluate_refusal`` was
+    #: asked to record (not saved with the result: it has its own cache)
+    recording: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.refused = np.asarray(self.refused, dtype=bool)
@@ -521,11 +524,41 @@ def _generate_sharded(model: SafetyModel, ps: PromptSet, *, max_new_tokens: int,
     return all_texts, all_scores
 
 
+def _reuse(entry: Path, model: SafetyModel, ps: PromptSet, key: dict[str, Any], rt: RefusalTokens, j: Judge, *,
+           batch_size: int, system: str | None, chat: bool | None) -> RefusalResult | None:
+    """The cached result for ``key`` (re-scored if the score tokens changed, re-judged if the judge did; the
+    entry updated), or None when it holds other prompts or another key."""
+    stored = RefusalResult.load(entry)
+    if stored.config.get("key") != key or stored.prompts.texts != ps.texts:
+        return None
+    dirty = False
+    if stored.config.get("refusal_tokens") != _tokens_hash(rt):
+        # Other score tokens: re-score (one forward), keep the completions.
+        stored.score = first_token_scores(model, ps, batch_size=batch_size, system=system,
+                                          chat=chat, tokens=rt).double().numpy()
+        stored.config["refusal_tokens"] = _tokens_hash(rt)
+        dirty = True
+    if stored.config.get("judge") != j.identity or isinstance(j, CallableJudge):
+        outcomes = np.asarray(j.outcomes(stored.completions, [p.plain_request for p in ps]), dtype=object)
+        stored = RefusalResult(stored.prompts, stored.completions, outcomes != "complied",
+                               stored.score, stored.model_name, stored.weights_hash,
+                               dict(stored.config, judge=j.identity), outcomes)
+        dirty = not isinstance(j, CallableJudge)
+    if dirty:
+        stored.save(entry)
+    return RefusalResult(ps, stored.completions, stored.refused, stored.score,
+                         stored.model_name, stored.weights_hash, stored.config, stored.outcomes)
+
+
 def evaluate_refusal(model: SafetyModel, prompts: PromptSet | Sequence[str], max_new_tokens: int = 48,
                      batch_size: int = 16, *, system: str | None = None, chat: bool | None = None,
                      cache: bool | str | os.PathLike = True, progress: bool = True,
-                     judge: Judge | Callable | str | None = None) -> RefusalResult:
+                     judge: Judge | Callable | str | None = None, record: Any = None) -> RefusalResult:
     """Greedy-generate, judge and score every prompt; cached on disk.
+
+    ``record``: layers (or a :class:`~lens_safety.model.recording.RecordSpec`) whose residual stream is
+    recorded along the replies in the same generation pass (:func:`~lens_safety.model.recording.record_generation`,
+    cached beside the results); the recording is ``result.recording``. The replies are the same either way.
 
     ``judge``: ``None`` for :func:`~lens_safety.behaviour.judges.default_judge`, a name (``"rules"``,
     ``"substring"``, ``"model"``), a :class:`~lens_safety.behaviour.judges.Judge` or a callable
@@ -558,6 +591,11 @@ def evaluate_refusal(model: SafetyModel, prompts: PromptSet | Sequence[str], max
     j = as_judge(judge, model)
     formatting = model.formatting_key(system=system, chat=chat)
     rt = RefusalTokens.from_tokenizer(model.tokenizer)
+    recording = None
+    if record is not None:  # the recording pass is the generation pass (or its cache)
+        recording = record_generation(model, ps, record=record, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                      system=system, chat=chat, progress=progress, score_first=rt.score,
+                                      cache=Path(cache) / "replies" if isinstance(cache, (str, os.PathLike)) else cache)
     key = _result_key(model, ps, formatting, max_new_tokens)
     key_hash = sha256_json(key)[:32]
     requests = [p.plain_request for p in ps]
@@ -569,37 +607,21 @@ def evaluate_refusal(model: SafetyModel, prompts: PromptSet | Sequence[str], max
         # In a data-parallel run only the main process reads, repairs or removes the entry.
         if entry.exists() and parallel.is_main():
             try:
-                stored = RefusalResult.load(entry)
-                if stored.config.get("key") == key and stored.prompts.texts == ps.texts:
-                    dirty = False
-                    if stored.config.get("refusal_tokens") != _tokens_hash(rt):
-                        # Other score tokens: re-score (one forward), keep the completions.
-                        stored.score = first_token_scores(model, ps, batch_size=batch_size, system=system,
-                                                          chat=chat, tokens=rt).double().numpy()
-                        stored.config["refusal_tokens"] = _tokens_hash(rt)
-                        dirty = True
-                    outcomes = stored.outcomes
-                    if stored.config.get("judge") != j.identity or isinstance(j, CallableJudge):
-                        outcomes = np.asarray(j.outcomes(stored.completions, requests), dtype=object)
-                        stored = RefusalResult(stored.prompts, stored.completions, outcomes != "complied",
-                                               stored.score, stored.model_name, stored.weights_hash,
-                                               dict(stored.config, judge=j.identity), outcomes)
-                        dirty = not isinstance(j, CallableJudge)
-                    if dirty:
-                        stored.save(entry)
-                    hit = RefusalResult(ps, stored.completions, stored.refused, stored.score,
-                                        stored.model_name, stored.weights_hash, stored.config, stored.outcomes)
+                hit = _reuse(entry, model, ps, key, rt, j, batch_size=batch_size, system=system, chat=chat)
             except CacheError:
                 pass  # mismatched / truncated / corrupted: rebuild below
             if hit is None:
                 shutil.rmtree(entry, ignore_errors=True)
     hit = parallel.broadcast(hit)  # the main process's answer, on every process
     if hit is not None:
+        hit.recording = recording
         return hit
 
     legacy = (_read_legacy(entry, model, ps, formatting, max_new_tokens)
-              if entry is not None and parallel.is_main() else None)
-    if parallel.broadcast(legacy is None):  # every process generates its share of the batches
+              if entry is not None and parallel.is_main() and recording is None else None)
+    if recording is not None:
+        completions, scores = recording.texts, torch.as_tensor(recording.scores, dtype=torch.float32)
+    elif parallel.broadcast(legacy is None):  # every process generates its share of the batches
         completions, scores = _generate_sharded(model, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                                 system=system, chat=chat, progress=progress)
     result = None
@@ -617,7 +639,9 @@ def evaluate_refusal(model: SafetyModel, prompts: PromptSet | Sequence[str], max
         if entry is not None:
             entry.parent.mkdir(parents=True, exist_ok=True)
             result.save(entry)
-    return parallel.broadcast(result)
+    result = parallel.broadcast(result)
+    result.recording = recording
+    return result
 
 
 # -- attack success ------------------------------------------------------------------------

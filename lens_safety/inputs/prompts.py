@@ -27,8 +27,10 @@ from pathlib import Path
 
 from ..core import assets
 from ..core.errors import AssetError, InputError, UnknownNameError
+from ..core.store import jsonable
 
-__all__ = ["Prompt", "PromptSet", "PromptSetInfo", "Catalogue", "load_prompts", "prompt_sets", "length_report"]
+__all__ = ["Prompt", "PromptSet", "PromptSetInfo", "Catalogue", "load_prompts", "prompt_sets", "length_report",
+           "prompt_to_json"]
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,12 @@ class PromptSet(Sequence[Prompt]):
 
     def relabel(self, label: str) -> PromptSet:
         return PromptSet((replace(p, label=label) for p in self._items), name=self.name)
+
+
+def prompt_to_json(p: Prompt) -> dict[str, Any]:
+    """A prompt as saved results store it (JSON-safe; ``Prompt(**d)`` reads it back)."""
+    return {"text": p.text, "label": p.label, "source": p.source, "licence": p.licence,
+            "category": p.category, "request": p.request, "method": p.method, "meta": jsonable(p.meta)}
 
 
 def as_prompt_set(prompts: PromptSet | Sequence[str], label: str = "unlabelled") -> PromptSet:

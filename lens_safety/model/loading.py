@@ -51,7 +51,7 @@ from .sources import (
 
 __all__ = ["EmbeddedModel", "EMBEDDED_MODELS", "DEFAULT_MODEL", "SafetyModel", "load_model", "list_models",
            "resolve_dtype", "weights_fingerprint", "position_ids_from_mask", "forward_logits",
-           "hf_model_copy", "GUARD_TOLERANCE", "resolve_source", "guard_logits"]
+           "hf_model_copy", "GUARD_TOLERANCE", "resolve_source", "guard_logits", "software_key"]
 
 _GUARD_PROMPT = "Explain in one sentence why the sky is blue."
 
@@ -320,6 +320,14 @@ class SafetyModel:
 
 class _StopForward(Exception):
     """Raised inside the last needed hook to skip the rest of the forward pass."""
+
+
+def software_key(model: SafetyModel) -> dict[str, Any]:
+    """The part of a cache key that the weights do not pin: the transformers version (it computes
+    the forward pass) and the tokenizer (:meth:`~lens_safety.model.loading.SafetyModel.tokenizer_key`)."""
+    import transformers
+
+    return {"transformers_version": transformers.__version__, "tokenizer": model.tokenizer_key()}
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
