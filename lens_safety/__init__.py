@@ -42,6 +42,8 @@ _PUBLIC: dict[str, tuple[str, ...]] = {  # module -> the public names it holds
                            "orthogonalize", "SelectionFilters",),
     "analyses.harm": ("harm_refusal_analysis", "HarmRefusalResult", "HarmConfig", "harm_positions", "steering_tests",
                       "SteeringResult", "harm_judgement",),
+    "analyses.reply": ("ReadoutBasis", "ReplyReadouts", "reply_readouts", "reply_turns", "TurnResult",
+                       "early_detection", "DetectionResult",),
     "pipeline": ("run_pipeline", "render_report", "Verdict",),
 }
 _EXPORTS: dict[str, str] = {name: module for module, names in _PUBLIC.items() for name in names}

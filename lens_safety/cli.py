@@ -107,7 +107,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_pipeline(model=args.model, out=args.out, quick=args.quick, jailbreaks=args.jailbreaks,
                           n=args.n, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
                           load_kwargs=load_kwargs or None, judge=args.judge, tuned_lens=args.tuned_lens,
-                          directions=args.directions, harm=args.harm)
+                          directions=args.directions, harm=args.harm, reply=args.reply)
     print(result.summary())
     return EXIT_OK
 
@@ -309,6 +309,10 @@ def _add_run(sub) -> None:
                      help="add the harm-vs-refusal stage: the harm direction (instruction's last token) beside the "
                           "refusal direction (template token), what jailbreaks do to each, steering tests, a "
                           "targeted false-refusal fix and the latent guard (adds minutes)")
+    run.add_argument("--reply", action="store_true",
+                     help="add the along-the-reply stage: the refusal stage's generation records the residual stream "
+                          "at every reply token; per-token readouts, replies that turn, and early detection of "
+                          "compliance from the first k reply tokens (adds about a minute)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
     run.set_defaults(func=_cmd_run)
 

@@ -171,19 +171,19 @@ def test_a_changed_stage_key_recomputes_it_and_every_stage_downstream(tiny_run, 
     from lens_safety import judges
 
     model, out, first = tiny_run
-    assert [s.name for s in S.STAGES if s.judged] == ["refusal", "pairs", "graft", "directions", "harm"]
+    assert [s.name for s in S.STAGES if s.judged] == ["refusal", "pairs", "graft", "directions", "harm", "reply"]
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     with monkeypatch.context() as mp:  # the pairs stage's code changed: pairs and what reads it are rebuilt
         mp.setattr(S.pairs.PairsStage, "version", S.pairs.PairsStage.version + 1)
         calls, again = _rerun_counting_stages(model, copy, mp)
-    assert calls == ["directions", "harm", "pairs", "patching"]
+    assert calls == ["directions", "harm", "pairs", "patching", "reply"]
     changed = {k for k, v in again.metrics["stage_keys"].items() if v != first.metrics["stage_keys"][k]}
     assert changed == set(calls) and again.metrics["stages"]["patching"] == first.metrics["stages"]["patching"]
     with monkeypatch.context() as mp:  # the judge's rules changed: every stage that judges, or reads one that does
         mp.setattr(judges.RuleJudge, "params", lambda self: {"rules": "edited"})
         calls, _ = _rerun_counting_stages(model, copy, mp)
-    assert calls == ["directions", "graft", "harm", "pairs", "patching", "refusal"]
+    assert calls == ["directions", "graft", "harm", "pairs", "patching", "refusal", "reply"]
     fresh = tmp_path / "fresh"
     shutil.copytree(out, fresh)
     with monkeypatch.context() as mp:  # a setting only the graft stage reads: graft alone
@@ -321,7 +321,7 @@ def test_base_model_runs_raw_and_skips_refusal_stages(tmp_path, monkeypatch):
     result = run_pipeline(base, out=tmp_path / "out", quick=True, n=8, jailbreaks=["prefix_injection"],
                           progress=False)
     skipped = result.metrics["skipped"]
-    assert set(skipped) == {"refusal", "pairs", "graft", "patching", "directions", "harm"}
+    assert set(skipped) == {"refusal", "pairs", "graft", "patching", "directions", "harm", "reply"}
     assert result.metrics["stages"]["probes"]["layer0_accuracy"] is not None
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["headline"]["attack_success_rate"] is None
     page = (tmp_path / "out" / "report.html").read_text()

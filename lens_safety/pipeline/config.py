@@ -46,6 +46,7 @@ class RunConfig:
     tuned_lens: bool = False
     directions: bool = False
     harm: bool = False
+    reply: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,8 +69,8 @@ def _check_jailbreaks(jailbreaks) -> tuple[str, ...]:
     return chosen
 
 
-#: the opt-in stages' switches (``lens-safety run --tuned-lens --directions --harm``)
-OPT_IN = ("tuned_lens", "directions", "harm")
+#: the opt-in stages' switches (``lens-safety run --tuned-lens --directions --harm --reply``)
+OPT_IN = ("tuned_lens", "directions", "harm", "reply")
 
 
 def make_config(quick: bool = False, n: int | None = None, jailbreaks=None, batch_size: int = 16, seed: int = 0,

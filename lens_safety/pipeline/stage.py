@@ -242,6 +242,18 @@ class Context:
         self.model, self.sets, self.out, self.progress, self.results = model, sets, out, progress, results
         self.config = ConfigView(cfg, stage.reads, stage.name)
         self.aligned = bool(model.chat_default and model.aligned is not False)
+        # With --reply every generation pass also records the residual stream along the replies (the same
+        # tokens, so no stage's numbers change: not part of any stage's key); the reply stage reads them.
+        self._record_replies = bool(cfg.reply and self.aligned)
+
+    @property
+    def record(self):
+        """The :class:`~lens_safety.model.recording.RecordSpec` of ``--reply`` runs, else None."""
+        if not self._record_replies:
+            return None
+        from ..analyses.reply import reply_record_spec
+
+        return reply_record_spec(self.model)
 
     def eval_sets(self) -> dict[str, PromptSet]:
         """The sets whose replies are generated (the generic harmless set only feeds the probes)."""
@@ -261,7 +273,8 @@ class Context:
         from ..behaviour.refusal import evaluate_refusal
 
         return evaluate_refusal(self.model, prompts, max_new_tokens=self.config.max_new_tokens,
-                                batch_size=self.config.batch_size, progress=self.progress, judge=self.judge())
+                                batch_size=self.config.batch_size, progress=self.progress, judge=self.judge(),
+                                record=self.record)
 
     def residuals(self, name: str):
         from ..capture import collect_residuals
@@ -275,7 +288,8 @@ class Context:
 
         return jailbreak_pairs(self.model, self.eval_sets()["harmbench"], methods=self.config.jailbreaks,
                                max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size,
-                               seed=self.config.seed, progress=self.progress, judge=self.judge())
+                               seed=self.config.seed, progress=self.progress, judge=self.judge(),
+                               record=self.record)
 
 
 def check_registry(stages) -> None:

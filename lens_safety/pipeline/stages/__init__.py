@@ -8,7 +8,7 @@ subclass (name, needs, reads, run, and what it reports) and its
 from __future__ import annotations
 
 from ..stage import check_registry
-from . import capture, directions, graft, harm, lens, pairs, patching, probes, prompts, refusal
+from . import capture, directions, graft, harm, lens, pairs, patching, probes, prompts, refusal, reply
 
 STAGES = (
     prompts.STAGE,
@@ -21,5 +21,6 @@ STAGES = (
     patching.STAGE,
     directions.STAGE,
     harm.STAGE,
+    reply.STAGE,
 )
 check_registry(STAGES)
