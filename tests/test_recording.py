@@ -396,7 +396,7 @@ def test_recording_sees_the_intervention(tiny, tmp_path, home, monkeypatch):
     ({"record": RecordSpec((7,))}, r"\[7\]"),
     ({"record": -1}, ">= 0"),
     ({"record": []}, "at least one layer"),
-    ({"record": "everything"}, "integer"),
+    ({"record": "everything"}, "a list of layers"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"batch_size": 0}, "batch_size"),
     ({"sampling": "x"}, "Sampling"),
@@ -479,16 +479,25 @@ def test_evaluate_refusal_records_and_reuses_its_cache(tiny, tmp_path, monkeypat
     assert_same(rec, again.recording)
 
 
-# -- known bugs (strict: these fail once fixed, so the markers must then go) -----------------------------
+# -- odd inputs ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="RecordSpec does tuple(layers) unless isinstance(int)")
 def test_numpy_integer_layer_is_accepted(tiny):
     rec = rec_of(tiny, record=np.int64(2), max_new_tokens=1)
     assert rec.layers == (2,)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="RecordSpec does tuple(None): TypeError, not InputError")
-def test_record_none_is_an_input_error(tiny):
+@pytest.mark.parametrize("record", [None, 1.5, "some"])
+def test_record_none_or_junk_is_an_input_error(tiny, record):
     with pytest.raises(InputError):
-        rec_of(tiny, record=None)
+        rec_of(tiny, record=record)
+
+
+def test_max_new_tokens_none_is_refused_before_a_forward(tiny, monkeypatch):
+    import lens_safety.model.generation as G
+
+    monkeypatch.setattr(G, "_greedy_batch", lambda *a, **k: pytest.fail("forward ran"))
+    with pytest.raises(InputError):
+        recording.generate(tiny, ["Hi"], max_new_tokens=None, progress=False)
+    with pytest.raises(InputError):
+        rec_of(tiny, max_new_tokens=None)

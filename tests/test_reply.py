@@ -221,6 +221,26 @@ def test_reply_readouts_accepts_one_result_and_no_lens(model, recorded):
     np.testing.assert_allclose(one.values, ro.values[:n, :6], rtol=1e-6, atol=1e-6)
 
 
+def test_the_run_spec_reads_the_same_steps(model, recorded):
+    """The run's recording (last prompt position only, float16) gives the same rows as a full float32 one."""
+    from lens_safety.analyses.reply import reply_lens_layers, reply_record_spec
+
+    spec = reply_record_spec(model)
+    assert spec.layers == (1, 2, 3) and spec.prompt_positions == 1 and spec.dtype == "float16"
+    assert reply_lens_layers(model) == (2, 3)
+    groups, basis, ro = recorded
+    r = ls.evaluate_refusal(model, PromptSet.from_texts(HARMFUL, label="harmful"), max_new_tokens=N_NEW, cache=False,
+                            progress=False, record=spec, judge="rules")
+    assert r.completions == groups["harmful"].completions and r.recording.n_recorded_prompt.tolist() == [1, 1, 1]
+    small = reply_readouts(model, {"harmful": r}, basis, lens_layers=reply_lens_layers(model))
+    n = int((ro.reply < 3).sum())
+    assert small.columns == ro.columns and small.tokens == ro.tokens[:n]
+    np.testing.assert_array_equal(small.step, ro.step[:n])
+    np.testing.assert_array_equal(small.reply, ro.reply[:n])
+    spread = ro.values[:n].max(0) - ro.values[:n].min(0)
+    assert (np.abs(small.values - ro.values[:n]) <= 0.005 * spread + 1e-5).all()  # float16: about 2e-4
+
+
 def test_reply_readouts_errors(model, recorded):
     groups, basis, _ = recorded
     h = groups["harmful"]
@@ -489,6 +509,14 @@ def test_detection_rows_per_method_and_intervals(detected):
     assert (f.loc[f["k"] == 3, "ci_high"] - f.loc[f["k"] == 3, "ci_low"] < 0.5).all()
 
 
+def test_detection_save_load(detected, tmp_path):
+    _, d, _ = detected
+    back = DetectionResult.load(d.save(tmp_path / "det"))
+    assert back.ks == d.ks and back.fpr == d.fpr and back.note == d.note
+    pd.testing.assert_frame_equal(back.frame, d.frame)
+    pd.testing.assert_frame_equal(back.scores, d.scores)
+
+
 def test_detection_without_enough_positives_is_not_measured():
     ro = synthetic(n_req=4)
     harmful = ro.replies["group"] != "harmless"
@@ -561,7 +589,8 @@ def test_detection_figure(detected):
     fig = detection_figure(d)
     assert legend_texts(fig) == ["all (n=42)", "m1 (n=32)", "plain (n=10)"]
     assert len(fig.axes[0].containers) == 3
-    np.testing.assert_allclose(np.asarray(fig.axes[0].containers[0].lines[0].get_ydata(), float), [d.tpr(k) for k in d.ks])
+    tpr_line = np.asarray(fig.axes[0].containers[0].lines[0].get_ydata(), dtype=float)  # the "all" line
+    np.testing.assert_allclose(tpr_line, [d.tpr(k) for k in d.ks])
     plt.close(fig)
     empty = DetectionResult(d.frame.iloc[:0], d.scores.iloc[:0], d.ks, 0.05, "not measured: too few")
     fig = empty.plot()

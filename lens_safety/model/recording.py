@@ -69,7 +69,9 @@ class RecordSpec:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        layers = tuple(self.layers) if not isinstance(self.layers, int) else (self.layers,)
+        if self.layers is None or isinstance(self.layers, (str, bytes)):
+            raise InputError(f"record takes a layer, a list of layers or 'all', got {self.layers!r}.")
+        layers = (self.layers,) if np.ndim(self.layers) == 0 else tuple(self.layers)
         if not layers:
             raise InputError("record needs at least one layer, e.g. record=[12, 24] or record='all'.")
         object.__setattr__(self, "layers", tuple(sorted({check_int(x, "record layer", low=0) for x in layers})))
@@ -83,7 +85,7 @@ class RecordSpec:
     def resolve(cls, model: SafetyModel, record: Any) -> RecordSpec:
         """A spec from ``record`` (a layer, a list of layers, ``"all"`` or a spec), checked against ``model``."""
         spec = record if isinstance(record, RecordSpec) else cls(
-            tuple(range(model.n_layers + 1)) if record == "all" else record)
+            tuple(range(model.n_layers + 1)) if isinstance(record, str) and record == "all" else record)
         bad = [x for x in spec.layers if x > model.n_layers]
         if bad:
             raise InputError(f"record layer(s) {bad} are outside {model.name}'s residual layers 0..{model.n_layers} "
@@ -100,7 +102,7 @@ class _Recorder:
     def __init__(self, model: SafetyModel, spec: RecordSpec, partial: Path | None) -> None:
         self.spec, self.partial, self.dtype = spec, partial, _DTYPES[spec.dtype]
         self.hooks = [(model.resid_hook_name(layer), self._hook(j)) for j, layer in enumerate(spec.layers)]
-        self.shards: dict[int, dict[str, Tensor]] = {}
+        self.shards: dict[int, dict[str, Tensor] | None] = {}  # batch -> tensors (None: written to disk)
         self._passes: dict[int, list[Tensor | None]] = {}
         self._enc: dict[str, Tensor] = {}
 
@@ -128,7 +130,7 @@ class _Recorder:
             return None
         if shard["rows"].tolist() != list(rows):
             return None
-        self.shards[b] = shard
+        self.shards[b] = None  # on disk; read back when the recording is loaded
         kept = _split(shard["reply_ids"], shard["n_reply"])
         return kept, (shard["scores"] if "scores" in shard else None)
 
@@ -162,8 +164,9 @@ class _Recorder:
         if scores is not None:
             shard["scores"] = scores.float()
         self._passes.clear()
-        if self.partial is not None:
+        if self.partial is not None:  # on disk now: memory holds one batch at a time
             _write_shard(self.partial, b, shard)
+            shard = None
         self.shards[b] = shard
 
 
@@ -412,7 +415,7 @@ def record_generation(model: SafetyModel, prompts: PromptSet | Sequence[str], *,
     ...
     lens_safety.core.errors.InputError: record layer(s) [9] are outside ...'s residual layers 0..3 ...
     """
-    max_new_tokens, batch_size = check_decoding(max_new_tokens, batch_size)
+    max_new_tokens, batch_size = check_decoding(check_int(max_new_tokens, "max_new_tokens", low=1), batch_size)
     spec = RecordSpec.resolve(model, record)
     ps = to_prompt_set(prompts)
     if not len(ps):
@@ -505,7 +508,7 @@ def generate(model: SafetyModel, prompts: PromptSet | Sequence[str], *, max_new_
         return record_generation(model, prompts, record=record, max_new_tokens=max_new_tokens,
                                  batch_size=batch_size, system=system, chat=chat, fwd_hooks=fwd_hooks,
                                  sampling=sampling, cache=False, progress=progress)
-    max_new_tokens, batch_size = check_decoding(max_new_tokens, batch_size)
+    max_new_tokens, batch_size = check_decoding(check_int(max_new_tokens, "max_new_tokens", low=1), batch_size)
     ps = to_prompt_set(prompts)
     if sampling is not None and not isinstance(sampling, Sampling):
         raise InputError(f"sampling must be a Sampling(...) or None (greedy), got {type(sampling).__name__}.")

@@ -60,6 +60,7 @@ class DetectionResult:
     ks: tuple[int, ...]
     fpr: float
     note: str = ""
+    against: str = "harmless"
 
     def to_frame(self):
         return self.frame.copy()
@@ -73,7 +74,7 @@ class DetectionResult:
 
     def save(self, directory: str | os.PathLike) -> Path:
         meta = {"frame": store.frame_to_json(self.frame), "scores": store.frame_to_json(self.scores),
-                "ks": list(self.ks), "fpr": self.fpr, "note": self.note}
+                "ks": list(self.ks), "fpr": self.fpr, "note": self.note, "against": self.against}
         return store.write_artifact(directory, kind=KIND, schema_version=1, meta=meta)
 
     @classmethod
@@ -81,21 +82,25 @@ class DetectionResult:
         _, meta = store.read_artifact(directory, kind=KIND, schema_version=1)
         try:
             return cls(store.frame_from_json(meta["frame"]), store.frame_from_json(meta["scores"]),
-                       tuple(meta["ks"]), float(meta["fpr"]), meta.get("note", ""))
+                       tuple(meta["ks"]), float(meta["fpr"]), meta.get("note", ""), meta.get("against", "harmless"))
         except KeyError as e:
             raise CacheError(f"{directory}: saved detection result is malformed ({e}); recompute it.") from e
 
 
 def detection_features(readouts: ReplyReadouts, k: int, columns: Sequence[str] | None = None) -> np.ndarray:
     """``[replies, 2 * columns]``: each column's value at step ``min(k, n_reply)`` and its mean over steps
-    ``0..min(k, n_reply)``."""
-    cols = [readouts.columns.index(c) for c in (columns or readouts.columns)]
+    ``0..min(k, n_reply)``. Lens masses (probabilities) enter as ``log10(max(mass, 1e-6))``: on a linear scale
+    their spread is tiny in most replies and a standardised outlier dominates the detector."""
+    names = list(columns or readouts.columns)
+    cols = [readouts.columns.index(c) for c in names]
     n = len(readouts.replies)
     last = np.zeros((n, len(cols)))
     total = np.zeros((n, len(cols)))
     count = np.zeros(n)
     keep = readouts.step <= k
     v = readouts.values[keep][:, cols].astype(np.float64)
+    lens = [j for j, c in enumerate(names) if c.startswith("lens_")]
+    v[:, lens] = np.log10(np.maximum(v[:, lens], 1e-6))
     r, s = readouts.reply[keep], readouts.step[keep]
     np.add.at(total, r, v)
     np.add.at(count, r, 1)
@@ -104,10 +109,11 @@ def detection_features(readouts: ReplyReadouts, k: int, columns: Sequence[str] |
     return np.concatenate([last, total / np.maximum(count, 1)[:, None]], axis=1)
 
 
-def _labels(readouts: ReplyReadouts, negative_groups: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def _labels(readouts: ReplyReadouts, negative_groups: Sequence[str], against: str) -> tuple[np.ndarray, np.ndarray]:
     rep = readouts.replies
-    neg = rep["group"].isin(list(negative_groups)).to_numpy()
-    pos = ~neg & (rep["outcome"] == "complied").to_numpy()
+    harmless = rep["group"].isin(list(negative_groups)).to_numpy()
+    pos = ~harmless & (rep["outcome"] == "complied").to_numpy()
+    neg = harmless if against == "harmless" else ~harmless & (rep["outcome"] == "refused").to_numpy()
     return pos, neg
 
 
@@ -157,9 +163,11 @@ def _rows_for_k(k: int, s: np.ndarray, y: np.ndarray, methods: np.ndarray, gid: 
 
 def early_detection(readouts: ReplyReadouts, *, ks: Sequence[int] = KS, fpr: float = 0.05,
                     negative_groups: Sequence[str] = NEGATIVE_GROUPS, columns: Sequence[str] | None = None,
-                    n_splits: int = 5, n_boot: int = 1000, seed: int = 0) -> DetectionResult:
+                    n_splits: int = 5, n_boot: int = 1000, seed: int = 0, against: str = "harmless") -> DetectionResult:
     """TPR at ``fpr`` false positives of a detector on the first ``k`` reply tokens' readouts, per ``k``
-    (see the module docstring); ``columns`` picks readout columns (default: all)."""
+    (see the module docstring); ``columns`` picks readout columns (default: all). ``against="refused"``
+    takes the negatives from replies to harmful requests judged refused instead of harmless replies: whether
+    a harmful request will be complied with, not whether it is harmful."""
     import pandas as pd
 
     if not 0 < fpr < 1:
@@ -167,7 +175,9 @@ def early_detection(readouts: ReplyReadouts, *, ks: Sequence[int] = KS, fpr: flo
     ks = tuple(sorted({int(k) for k in ks}))
     if not ks or ks[0] < 0:
         raise InputError(f"ks must be reply-token counts >= 0, got {ks}.")
-    pos, neg = _labels(readouts, negative_groups)
+    if against not in ("harmless", "refused"):
+        raise InputError(f"against must be 'harmless' or 'refused', got {against!r}.")
+    pos, neg = _labels(readouts, negative_groups, against)
     keep = pos | neg
     rep = readouts.replies[keep].reset_index(drop=True)
     y = pos[keep].astype(int)
@@ -176,10 +186,10 @@ def early_detection(readouts: ReplyReadouts, *, ks: Sequence[int] = KS, fpr: flo
     empty = pd.DataFrame(columns=["k", "group", "n_pos", "n_neg", "tpr", "ci_low", "ci_high", "auroc", "threshold"])
     n_splits = min(n_splits, len(np.unique(gid[y == 1])), len(np.unique(gid[y == 0])))
     if n_splits < 2:
-        note = (f"not measured: {int(y.sum())} complied harmful replies and {int((y == 0).sum())} harmless "
+        note = (f"not measured: {int(y.sum())} complied harmful replies and {int((y == 0).sum())} {against} "
                 "replies; the grouped CV needs at least 2 requests of each.")
         return DetectionResult(empty, pd.DataFrame(columns=["reply", "k", "score", "positive", "method"]), ks,
-                               fpr, note)
+                               fpr, note, against=against)
     rows, scores = [], []
     for k in ks:
         x = detection_features(readouts, k, columns)[keep]
@@ -187,4 +197,4 @@ def early_detection(readouts: ReplyReadouts, *, ks: Sequence[int] = KS, fpr: flo
         rows += _rows_for_k(k, s, y, methods, gid, fpr, n_boot, seed)
         scores.append(pd.DataFrame({"reply": np.flatnonzero(keep), "k": k, "score": s, "positive": y.astype(bool),
                                     "method": methods}))
-    return DetectionResult(pd.DataFrame(rows), pd.concat(scores, ignore_index=True), ks, fpr)
+    return DetectionResult(pd.DataFrame(rows), pd.concat(scores, ignore_index=True), ks, fpr, against=against)

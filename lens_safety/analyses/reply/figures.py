@@ -109,8 +109,9 @@ def detection_figure(detection, ax=None):
                     label=f"{g} (n={int(df['n_pos'].iloc[0])})")
     ax.axhline(0.9, color="0.6", lw=0.8, ls="--")
     ax.set_xlabel("reply tokens read (k; 0 = prompt only)")
-    ax.set_ylabel(f"TPR at {detection.fpr:.0%} FPR on harmless replies")
+    negatives = "harmless replies" if detection.against == "harmless" else "refused harmful replies"
+    ax.set_ylabel(f"TPR at {detection.fpr:.0%} FPR on {negatives}")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("Early detection of compliance with harmful requests")
+    ax.set_title(f"Early detection of compliance with harmful requests (vs {negatives})")
     ax.legend(fontsize=7, loc="best")
     return fig

@@ -178,6 +178,9 @@ class ReplyReadouts:
 
     def series(self, i: int, readout: str, layer: int | None = None) -> np.ndarray:
         """Reply ``i``'s readout by step (0 .. n_reply)."""
+        if not -len(self) <= i < len(self):
+            raise InputError(f"reply index {i} is out of range for {len(self)} replies.")
+        i %= len(self)
         rows = np.flatnonzero(self.reply == i)
         return self.values[rows, self.columns.index(self.column(readout, layer))].astype(np.float64)
 

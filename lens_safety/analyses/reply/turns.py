@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ...behaviour.judges import as_judge
+from ...behaviour.judges import OUTCOMES, as_judge
 from ...core import store
 from ...core.errors import CacheError, InputError
 from ...core.stats import wilson_interval
@@ -119,8 +119,9 @@ def reply_turns(replies: Mapping[str, Any], judge: Any = None, *, reply_ids: Map
                 tokenizer=None, prefixes: Sequence[int] = PREFIXES, early: int = 24,
                 model=None) -> TurnResult:
     """Judge every reply's prefixes: ``replies`` is ``{group: RefusalResult}`` (recorded, or with ``reply_ids``
-    ``{group: [token ids per reply]}`` and a ``tokenizer``); ``judge`` as in
-    :func:`~lens_safety.behaviour.judges.as_judge` (a callable ``(texts, requests) -> outcomes`` too)."""
+    ``{group: [token ids per reply]}`` and a ``tokenizer``); ``judge``: a name or
+    :class:`~lens_safety.behaviour.judges.Judge` (see :func:`~lens_safety.behaviour.judges.as_judge`), or a
+    callable ``(texts, requests) -> outcomes`` (``"refused" | "complied" | "unengaged"`` per text)."""
     import pandas as pd
 
     prefixes = tuple(sorted({int(m) for m in prefixes} | {int(early)}))
@@ -156,7 +157,15 @@ def reply_turns(replies: Mapping[str, Any], judge: Any = None, *, reply_ids: Map
 
 
 def _outcome_function(judge: Any, model) -> Callable[[list[str], list[str]], Sequence[str]]:
-    if callable(judge) and not hasattr(judge, "outcomes"):
-        return judge
-    j = as_judge(judge, model)
-    return j.outcomes
+    """``(texts, requests) -> outcomes``, checked: one of ``refused | complied | unengaged`` per text."""
+    raw = judge if callable(judge) and not hasattr(judge, "outcomes") else as_judge(judge, model).outcomes
+
+    def outcomes(texts: list[str], requests: list[str]) -> list[str]:
+        out = [str(o) for o in raw(texts, requests)]
+        bad = sorted(set(out) - set(OUTCOMES))
+        if len(out) != len(texts) or bad:
+            raise InputError(f"The judge returned {len(out)} outcomes for {len(texts)} replies"
+                             + (f", with values {bad[:3]}" if bad else "") + f"; a judge here maps (texts, requests) "
+                             f"to one of {OUTCOMES} per text (wrap a boolean function in judges.CallableJudge).")
+        return out
+    return outcomes

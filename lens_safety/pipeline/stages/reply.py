@@ -36,9 +36,16 @@ FPR = 0.05
 class ReplyStageResult(StageResult):
     readouts: Any = None  # ReplyReadouts
     turns: Any = None  # TurnResult
-    detection: Any = None  # DetectionResult
+    detection: Any = None  # DetectionResult (negatives: harmless replies)
+    compliance: Any = None  # DetectionResult (negatives: harmful requests' replies judged refused)
     views: list[dict[str, Any]] = field(default_factory=list)  # circuitsvis views: element, props, caption
     settings: dict[str, Any] = field(default_factory=dict)
+
+
+def detection_metrics(d) -> dict[str, Any]:
+    """``{"k=<k>/<group>": {tpr, ci, n_pos, n_neg, auroc}}`` of a DetectionResult."""
+    return {f"k={int(r.k)}/{r.group}": {"tpr": r.tpr, "ci": [r.ci_low, r.ci_high], "n_pos": int(r.n_pos),
+                                         "n_neg": int(r.n_neg), "auroc": r.auroc} for r in d.frame.itertuples()}
 
 
 def harm_vectors(results) -> np.ndarray | None:
@@ -79,7 +86,7 @@ class ReplyStage(Stage):
     needs = ("refusal", "pairs", "harm")
     reads = ("reply", "n_eval", "seed", "judge", "max_new_tokens", "batch_size", "jailbreaks")
     judged = True
-    version = 1
+    version = 2
     result = ReplyStageResult
 
     def key(self, ctx) -> dict[str, Any]:
@@ -106,15 +113,18 @@ class ReplyStage(Stage):
         early = 24 if cfg.max_new_tokens > 24 else cfg.max_new_tokens // 2
         turns = reply_turns(groups, ctx.judge(), prefixes=PREFIXES, early=early, model=model)
         detection = early_detection(readouts, ks=KS, fpr=FPR, seed=cfg.seed)
+        compliance = early_detection(readouts, ks=KS, fpr=FPR, seed=cfg.seed, against="refused")
         layer = max(x for x in basis.layers if x < model.n_layers) if len(basis.layers) > 1 else basis.layers[0]
         figures = {"reply_refusal": figure_png(readouts.plot("refusal", layer=layer, by="group")),
                    "reply_lens": figure_png(readouts.plot("lens_refusal", layer=model.n_layers, by="group")),
-                   "reply_turns": figure_png(turns.plot()), "reply_detection": figure_png(detection.plot())}
+                   "reply_turns": figure_png(turns.plot()), "reply_detection": figure_png(detection.plot()),
+                   "reply_compliance": figure_png(compliance.plot())}
         views = []
         for i in example_replies(readouts, turns):
             v = readouts.view(i, "refusal", layer=layer)
             views.append({"element": v.element, "props": v.props, "caption": v.caption})
-        return ReplyStageResult(readouts=readouts, turns=turns, detection=detection, views=views, figures=figures,
+        return ReplyStageResult(readouts=readouts, turns=turns, detection=detection, compliance=compliance,
+                                views=views, figures=figures,
                                 settings={"layers": list(basis.layers), "lens_layers": list(reply_lens_layers(model)),
                                           "view_layer": layer, "early": early, "fpr": FPR, "ks": list(KS),
                                           "n_basis": list(basis.n_fit), "harm_direction": "harm" in basis.directions})
@@ -124,7 +134,6 @@ class ReplyStage(Stage):
             return {}
         s = result.turns.summary()
         early = result.settings["early"]
-        d = result.detection.frame
         return {"n_replies": len(result.readouts), "layers": result.settings["layers"],
                 "turns": {r["group"]: {"n": int(r["n"]), "turned": int(r["n_turned"]),
                                        "complied_then_refused": int(r["complied_then_refused"]),
@@ -134,11 +143,9 @@ class ReplyStage(Stage):
                                        "agreement_ci": [r["agreement_ci_low"], r["agreement_ci_high"]]}
                           for r in s.to_dict("records")},
                 "early_tokens": early,
-                "detection": {f"k={int(r.k)}/{r.group}": {"tpr": r.tpr, "ci": [r.ci_low, r.ci_high],
-                                                           "n_pos": int(r.n_pos), "n_neg": int(r.n_neg),
-                                                           "auroc": r.auroc}
-                              for r in d.itertuples()},
-                "detection_note": result.detection.note, "fpr": result.settings["fpr"]}
+                "detection": detection_metrics(result.detection), "detection_note": result.detection.note,
+                "compliance": detection_metrics(result.compliance), "compliance_note": result.compliance.note,
+                "fpr": result.settings["fpr"]}
 
     def headline_keys(self) -> tuple[str, ...]:
         return ("reply",)
@@ -154,7 +161,8 @@ class ReplyStage(Stage):
         if result.skipped:
             return {}
         return {"reply_turns": result.turns.summary(), "reply_turns_per_reply": result.turns.frame,
-                "reply_detection": result.detection.frame, "reply_readouts": result.readouts.to_frame()}
+                "reply_detection": result.detection.frame, "reply_compliance": result.compliance.frame,
+                "reply_readouts": result.readouts.to_frame()}
 
     def section(self, result: ReplyStageResult, doc, run) -> None:
         doc.heading("Along the reply", anchor="reply")
@@ -178,14 +186,18 @@ class ReplyStage(Stage):
                                   "distribution) along the reply.",
                     "reply_turns": "The judge on growing prefixes: share judged complied.",
                     "reply_detection": f"Early detection: TPR at {st['fpr']:.0%} FPR on harmless replies vs reply "
-                                       "tokens read (out of fold, grouped by request; 95% bootstrap CI)."}
+                                       "tokens read (out of fold, grouped by request; 95% bootstrap CI).",
+                    "reply_compliance": "The same detector against replies to harmful requests judged refused: "
+                                        "will this harmful request be complied with?"}
         for name, png in result.figures.items():
             doc.image(png, captions.get(name, name))
         t = self.tables(result)
         doc.table(t["reply_turns"], f"Replies whose judged outcome changes along the reply (first decided prefix vs "
                   f"full reply), and the judge on the first {st['early']} tokens vs the full reply (agreement, "
                   "Wilson 95% CI).")
-        doc.table(t["reply_detection"], "Early detection per k and jailbreak method ('plain': unwrapped requests).")
+        doc.table(t["reply_detection"], "Early detection per k and jailbreak method ('plain': unwrapped requests), "
+                  "negatives: harmless replies.")
+        doc.table(t["reply_compliance"], "The same, negatives: replies to harmful requests judged refused.")
         turned = result.turns.frame[result.turns.frame["turned"]]
         if len(turned):
             doc.table(turned[["group", "request", "direction", "turn_at", "first", "final"]].head(12),
