@@ -274,3 +274,22 @@ def test_load_flags_are_shared_and_reach_the_loader(monkeypatch, tmp_path):
     args = ["orthogonalize", "--out", str(tmp_path / "e"), "--dtype", "float16", "--direction", str(tmp_path)]
     assert main(args) == 0
     assert seen["orth"] == (None, {"dtype": "float16"}) and seen["folder"] == "MODEL"
+
+
+def test_every_opt_in_flag_reaches_the_pipeline(monkeypatch):
+    """`lens-safety run --tuned-lens --directions --harm --reply` passes each switch to run_pipeline."""
+    import lens_safety.pipeline as pipeline
+    from lens_safety.pipeline.config import OPT_IN
+
+    seen = {}
+
+    class Done:
+        def summary(self):
+            return "done"
+
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda **kw: seen.update(kw) or Done())
+    assert main(["run", "--quick", *[f"--{name.replace('_', '-')}" for name in OPT_IN]]) == 0
+    assert all(seen[name] is True for name in OPT_IN) and "reply" in OPT_IN
+    seen.clear()
+    assert main(["run", "--quick"]) == 0
+    assert not any(seen[name] for name in OPT_IN)

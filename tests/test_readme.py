@@ -260,3 +260,21 @@ def test_readme_harm_block_is_generated_from_the_committed_harm_run():
     block = text.split("<!-- harm:begin -->")[1].split("<!-- harm:end -->")[0]
     assert block == "\n" + harm_table(metrics), "README.md's harm block is out of date (see the docstring)"
     assert set(metrics["verdicts"]) >= {"harm_vs_refusal", "harm_steering", "latent_guard"}
+
+
+REPLY_METRICS = ROOT / "benchmarks" / "results" / "reply_quick_metrics.json"
+
+
+def test_readme_reply_block_is_generated_from_the_committed_reply_run():
+    """The README's along-the-reply block equals reply_table(REPLY_METRICS), a real run with --reply.
+    Regenerate with: python -m lens_safety.pipeline.readme readme REPLY_METRICS README.md --block reply"""
+    from lens_safety.pipeline.readme import reply_table
+
+    metrics = json.loads(REPLY_METRICS.read_text())
+    assert metrics["headline"]["model"] == ls.DEFAULT_MODEL and metrics["config"]["reply"] is True
+    text = README.read_text(encoding="utf-8")
+    block = text.split("<!-- reply:begin -->")[1].split("<!-- reply:end -->")[0]
+    assert block == "\n" + reply_table(metrics), "README.md's reply block is out of date (see the docstring)"
+    assert set(metrics["verdicts"]) >= {"reply_turns", "early_detection"}
+    assert metrics["stages"]["reply"]["n_replies"] == sum(t["n"] for g, t in metrics["stages"]["reply"]["turns"].items()
+                                                          if g != "all")

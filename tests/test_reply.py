@@ -618,3 +618,60 @@ def test_reply_view_one_value_per_token_and_escaped(recorded):
     page = view.html(include_bundle=False)
     assert page.count("</script>") == page.count("<script>") == 1 and "alert(1)" in page
     assert "\\u003c/script\\u003e" in page and "&lt;b&gt;x&lt;/b&gt;" in page
+
+
+# -- the stage, through the registry ----------------------------------------------------------------------
+
+
+def test_reply_stage_reads_the_refusal_stages_own_generation(tmp_path, monkeypatch):
+    """--reply: the refusal stage's generation pass records (no reply is generated again by the reply stage),
+    the stage's readouts cover every recorded reply, and its verdicts, tables and report section appear."""
+    import json
+
+    from lens_safety.model import generation as G
+    from lens_safety.pipeline import run_pipeline
+    from lens_safety.pipeline import stages as S
+
+    monkeypatch.setenv("LENS_SAFETY_HOME", str(tmp_path / "home"))
+    passes = {"all": 0, "reply": 0}
+    real_batch, real_run = G._greedy_batch, S.reply.ReplyStage.run
+    in_reply = []
+
+    def counting(*a, **k):
+        passes["all"] += 1
+        passes["reply"] += bool(in_reply)
+        return real_batch(*a, **k)
+
+    def run(self, ctx):
+        in_reply.append(1)
+        try:
+            return real_run(self, ctx)
+        finally:
+            in_reply.clear()
+
+    monkeypatch.setattr(G, "_greedy_batch", counting)
+    monkeypatch.setattr(S.reply.ReplyStage, "run", run)
+    model = ls.testing.tiny_model(seed=3)
+    out = tmp_path / "out"
+    result = run_pipeline(model, out=out, quick=True, n=8, jailbreaks=["prefix_injection"], progress=False,
+                          reply=True)
+    assert passes["all"] > 0 and passes["reply"] == 0
+    m = result.metrics
+    assert "reply" not in m["skipped"]
+    stage = m["stages"]["reply"]
+    assert stage["n_replies"] == 8 * 3 and stage["layers"] == [1, 2, 3]  # 3 eval sets (nothing refused: no wraps)
+    assert stage["turns"]["all"]["n"] == 24
+    assert {"reply_turns", "early_detection"} <= set(m["verdicts"])
+    assert (out / "tables" / "reply_readouts.csv").is_file()
+    page = (out / "report.html").read_text()
+    assert 'id="reply"' in page and "Along the reply" in page
+    loaded = S.reply.ReplyStageResult.load(out / "stages" / "reply", key=m["stage_keys"]["reply"])
+    assert len(loaded.readouts) == 24 and loaded.turns.frame.shape[0] == 24
+    assert json.loads(json.dumps(ls.store.jsonable(S.reply.STAGE.metrics(loaded)))) == stage
+    # without --reply the stage is skipped with the flag named, and the generation passes record nothing
+    from lens_safety.pipeline.config import make_config
+    from lens_safety.pipeline.stage import Context
+
+    ctx = Context(model, make_config(True, 8, ["prefix_injection"]), {}, out=tmp_path, progress=False, results={},
+                  stage=S.reply.STAGE)
+    assert ctx.record is None and "--reply" in S.reply.STAGE.run(ctx).skipped

@@ -16,7 +16,8 @@ from ..core.store import read_json
 from .config import DEFAULT_N
 from .verdicts import is_missing
 
-__all__ = ["readme_table", "harm_table", "update_readme", "fmt", "ci_text", "graft_earliest_text", "main"]
+__all__ = ["readme_table", "harm_table", "reply_table", "update_readme", "fmt", "ci_text", "graft_earliest_text",
+           "main"]
 
 
 def fmt(x: Any, digits: int = 2) -> str:
@@ -208,7 +209,59 @@ def harm_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines + [f"| {a} | {b} |" for a, b in rows]) + "\n"
 
 
-BLOCKS = {"metrics": readme_table, "harm": harm_table}  # README marker -> the table written between its markers
+def reply_table(metrics: dict[str, Any]) -> str:
+    """The README's along-the-reply block (Markdown) from the ``metrics.json`` of a run with ``--reply``.
+
+    >>> print(reply_table({"headline": {"model": "m", "reply": {"n_replies": 4, "layers": [1, 2], "early_tokens": 24,
+    ...     "turns": {"all": {"n": 4, "turned": 1, "complied_then_refused": 1, "refused_then_complied": 0,
+    ...                       "median_turn_at": 16, "early24_agreement": 0.75, "agreement_ci": [0.3, 0.95]}},
+    ...     "detection": {}, "compliance": {}, "fpr": 0.05}}, "verdicts": {}, "config": {}}).splitlines()[4])
+    | all: replies that turn (complied -> refused / refused -> complied), median turn | 1 of 4 (1 / 0), at token 16 |
+    """
+    r = (metrics.get("headline") or {}).get("reply") or {}
+    if not r:
+        return "No along-the-reply stage in this run (`lens-safety run --reply`).\n"
+    early = r["early_tokens"]
+    rows = []
+    for group, t in r["turns"].items():
+        at = "" if is_missing(t.get("median_turn_at")) else f", at token {t['median_turn_at']:g}"
+        rows.append((f"{group}: replies that turn (complied -> refused / refused -> complied), median turn",
+                     f"{t['turned']} of {t['n']} ({t['complied_then_refused']} / {t['refused_then_complied']}){at}"))
+    for group, t in r["turns"].items():
+        lo, hi = t["agreement_ci"]
+        rows.append((f"{group}: judge on the first {early} tokens agrees with the full reply",
+                     f"{fmt(t[f'early{early}_agreement'])}{ci_text(lo, hi, digits=2)}"))
+    for name, what in (("detection", "harmless replies"), ("compliance", "refused harmful replies")):
+        for key, d in (r.get(name) or {}).items():
+            k, group = key.split("/", 1)
+            if group != "all":
+                continue
+            lo, hi = d["ci"]
+            rows.append((f"early detection vs {what}, {k}: TPR at {r['fpr']:.0%} FPR, AUROC",
+                         f"{fmt(d['tpr'])}{ci_text(lo, hi, digits=2)}, {fmt(d['auroc'], 3)} "
+                         f"(n = {d['n_pos']} / {d['n_neg']})"))
+        per_method = [(key.split("/", 1)[1], d) for key, d in (r.get(name) or {}).items()
+                      if key.startswith("k=8/") and not key.endswith("/all")]
+        if name == "detection" and per_method:
+            rows.append((f"early detection vs {what}, k=8, per method: TPR (n)",
+                         ", ".join(f"{g} {fmt(d['tpr'])} ({d['n_pos']})" for g, d in per_method)))
+        note = r.get(f"{name}_note")
+        if note:
+            rows.append((f"early detection vs {what}", note))
+    for key in ("reply_turns", "early_detection"):
+        v = (metrics.get("verdicts") or {}).get(key)
+        if v:
+            rows.append((f"verdict {key.replace('_', ' ')}", v["status"]))
+    cfg = metrics.get("config", {})
+    lines = [f"Model `{metrics['headline'].get('model')}`, {'quick' if cfg.get('quick') else 'full'} run "
+             f"(jailbreaks: {', '.join(cfg.get('jailbreaks') or [])}; {r['n_replies']} replies of up to "
+             f"{cfg.get('max_new_tokens')} tokens, recorded at layers {r['layers']}):", "",
+             "| measure | value |", "|---|---|"]
+    return "\n".join(lines + [f"| {a} | {b} |" for a, b in rows]) + "\n"
+
+
+#: README marker -> the table written between its markers
+BLOCKS = {"metrics": readme_table, "harm": harm_table, "reply": reply_table}
 
 
 def update_readme(metrics_path: str | os.PathLike, readme_path: str | os.PathLike, *, check: bool = False,
@@ -241,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("readme", help="README.md with <!-- metrics:begin --> / <!-- metrics:end --> markers")
     r.add_argument("--check", action="store_true", help="only check: exit 1 if the README is out of date")
     r.add_argument("--block", choices=sorted(BLOCKS), default="metrics",
-                   help="which generated block: the run's measured table (metrics) or the harm-vs-refusal one")
+                   help="which generated block: the run's measured table (metrics), the harm-vs-refusal one (harm) "
+                        "or the along-the-reply one (reply)")
     args = p.parse_args(argv)
     changed = update_readme(args.metrics, args.readme, check=args.check, block=args.block)
     print(f"{args.readme}: {'out of date' if args.check and changed else 'updated' if changed else 'up to date'}")
