@@ -71,7 +71,28 @@ def _selection(tiny, prompts):
 
 
 # name -> how to make it on the tiny model (cheap: no real model, a few tokens of generation at most)
+def _replies(tiny, ps):
+    """Recorded, judged replies (harmful, harmless), the readouts, turns and detection on them."""
+    if "_replies" not in _MADE:
+        from lens_safety.analyses import reply as R
+
+        groups = {lab: ls.evaluate_refusal(tiny, ps.filter(label=lab), max_new_tokens=4, cache=False, progress=False,
+                                           judge="rules", record=[2, 3]) for lab in ("harmful", "harmless")}
+        basis = R.ReadoutBasis.fit(ls.collect_residuals(tiny, ps.filter(label="harmful"), cache=False, progress=False),
+                                   ls.collect_residuals(tiny, ps.filter(label="harmless"), cache=False, progress=False),
+                                   layers=[2, 3])
+        readouts = R.reply_readouts(tiny, groups, basis, lens_layers=[3])
+        readouts.replies["outcome"] = ["complied", "refused"] * (len(readouts) // 2)  # both classes for the CV
+        _MADE["_replies"] = groups, readouts
+    return _MADE["_replies"]
+
+
 MAKERS = {
+    "ReplyRecording": lambda tiny, ps, acts, d: _replies(tiny, ps)[0]["harmful"].recording,
+    "ReplyReadouts": lambda tiny, ps, acts, d: _replies(tiny, ps)[1],
+    "TurnResult": lambda tiny, ps, acts, d: ls.reply_turns(_replies(tiny, ps)[0], "rules", prefixes=(1, 2), early=2),
+    "DetectionResult": lambda tiny, ps, acts, d: ls.early_detection(_replies(tiny, ps)[1], ks=(0, 2), n_boot=20,
+                                                                    negative_groups=("harmless",), n_splits=2),
     "LensResult": lambda tiny, ps, acts, d: ls.logit_lens(tiny, acts, top_k=3),
     "GraftResult": lambda tiny, ps, acts, d: ls.graft(tiny, ps.filter(label="harmful"), acts, layers=[1, 2],
                                                       donor_label="harmless", max_new_tokens=2, judge="rules"),

@@ -41,6 +41,8 @@ from torch import Tensor
 
 from ..core import assets, parallel, store
 from ..core.errors import CacheError, InputError
+from ..core.figures import figure_axes, line_with_band
+from ..core.stats import mean_ci
 from ..core.validation import check_int
 from ..inputs.prompts import Prompt, PromptSet, prompt_to_json
 from .generation import CURRENT_STEP, Sampling, check_decoding, run_generation, to_prompt_set
@@ -146,24 +148,32 @@ class _Recorder:
         missing = [s for s in range(steps + 1) if s not in self._passes or any(x is None for x in self._passes[s])]
         if missing:
             raise RuntimeError(f"Recording saw no pass for step(s) {missing[:5]}: a recording hook did not fire.")
-        first = torch.stack(self._passes[0], dim=-2)  # [batch, kept prompt positions, layers, d]
-        per_row, n_rec = [], []
-        for j, reply in enumerate(kept):
-            n_p = int(n_prompt[j])
-            k = min(first.shape[1], n_p)
-            n_rec.append(k)
-            parts = [first[j, first.shape[1] - k:]]
-            parts += [torch.stack(self._passes[s], dim=-2)[j] for s in range(1, len(reply) + 1)]
-            per_row.append(torch.cat(parts, dim=0))
+        first_width = self._passes[0][0].shape[1]
+        n_rec = [min(first_width, int(n)) for n in n_prompt]
+        n_reply = [len(k) for k in kept]
+        starts = np.cumsum([0] + [p + r for p, r in zip(n_rec, n_reply)])
+        ref = self._passes[0][0]
+        # One preallocated shard, filled pass by pass (each pass freed once copied): memory holds the batch's
+        # passes and its shard, no intermediate copies.
+        resid = torch.empty(int(starts[-1]), len(self.hooks), ref.shape[-1], dtype=ref.dtype)
+        for j, k in enumerate(n_rec):
+            for li, t in enumerate(self._passes[0]):
+                resid[starts[j]:starts[j] + k, li] = t[j, first_width - k:]
+        del self._passes[0]
+        for s in range(1, steps + 1):
+            live = [j for j in range(len(kept)) if n_reply[j] >= s]
+            at = torch.tensor([int(starts[j]) + n_rec[j] + s - 1 for j in live])
+            for li, t in enumerate(self._passes.pop(s)):
+                resid[at, li] = t[live, 0]
+        self._passes.clear()
         prompt_ids = [ids[j, width - int(n_prompt[j]):] for j in range(len(rows))]
-        shard = {"resid": torch.cat(per_row, dim=0).contiguous(), "rows": torch.tensor(rows, dtype=torch.int64),
+        shard = {"resid": resid, "rows": torch.tensor(rows, dtype=torch.int64),
                  "n_prompt_tokens": n_prompt.to(torch.int64), "n_recorded_prompt": torch.tensor(n_rec),
-                 "n_reply": torch.tensor([len(k) for k in kept], dtype=torch.int64),
+                 "n_reply": torch.tensor(n_reply, dtype=torch.int64),
                  "prompt_ids": torch.cat(prompt_ids).to(torch.int64),
                  "reply_ids": torch.tensor([t for k in kept for t in k], dtype=torch.int64)}
         if scores is not None:
             shard["scores"] = scores.float()
-        self._passes.clear()
         if self.partial is not None:  # on disk now: memory holds one batch at a time
             _write_shard(self.partial, b, shard)
             shard = None
@@ -329,6 +339,28 @@ class ReplyRecording:
                      for s, t, tok in zip(self.steps(i), ids, self.tokens(i))]
         return pd.DataFrame(rows, columns=["prompt", "step", "token_id", "token"])
 
+    def plot(self, ax=None):
+        """Mean residual-stream norm (95% CI) by step, one line per recorded layer: step 0 is the last prompt
+        token, the reply from step 1."""
+        fig, ax = figure_axes(ax, size=(7.0, 4.0))
+        norms = [self.resid(i).float().norm(dim=-1).numpy() for i in range(len(self))]  # [positions, layers]
+        starts = [int(self.n_recorded_prompt[i]) - 1 for i in range(len(self))]
+        last = max((n.shape[0] - s for n, s in zip(norms, starts)), default=0)
+        for j, layer in enumerate(self.layers):
+            steps, stats = [], []
+            for k in range(last):
+                v = [n[s + k, j] for n, s in zip(norms, starts) if s + k < n.shape[0]]
+                if v:
+                    steps.append(k)
+                    stats.append(mean_ci(v))
+            line_with_band(ax, steps, [m for m, _, _ in stats], [lo for _, lo, _ in stats],
+                           [hi for _, _, hi in stats], label=f"layer {layer}")
+        ax.set_xlabel("step (0 = last prompt token, k = after reply token k)")
+        ax.set_ylabel("residual norm")
+        ax.set_title(f"Residual stream along {len(self)} replies")
+        ax.legend(fontsize=7)
+        return fig
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the recording as a verified folder (shards + checksummed ``meta.json``)."""
         with store.atomic_dir(directory) as tmp:
@@ -345,7 +377,8 @@ class ReplyRecording:
         directory = Path(directory)
         meta = store.read_json(directory / store.META, what="reply recording", checksum=True)
         if (meta.get("kind"), meta.get("schema_version")) != (KIND, SCHEMA_VERSION):
-            raise CacheError(f"{directory} is not a reply recording of schema {SCHEMA_VERSION}; recompute it.")
+            raise CacheError(f"{directory} holds a {meta.get('kind')!r} (schema {meta.get('schema_version')}), not a "
+                             f"reply recording of schema {SCHEMA_VERSION}; recompute it.")
         try:
             spec = RecordSpec(**meta["spec"])
             prompts = PromptSet([Prompt(**d) for d in meta["prompts"]], meta.get("prompts_name", ""))
