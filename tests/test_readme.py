@@ -262,7 +262,7 @@ def test_readme_harm_block_is_generated_from_the_committed_harm_run():
     assert set(metrics["verdicts"]) >= {"harm_vs_refusal", "harm_steering", "latent_guard"}
 
 
-REPLY_METRICS = ROOT / "benchmarks" / "results" / "reply_quick_metrics.json"
+REPLY_METRICS = ROOT / "benchmarks" / "results" / "reply_full_metrics.json"
 
 
 def test_readme_reply_block_is_generated_from_the_committed_reply_run():

@@ -501,3 +501,28 @@ def test_max_new_tokens_none_is_refused_before_a_forward(tiny, monkeypatch):
         recording.generate(tiny, ["Hi"], max_new_tokens=None, progress=False)
     with pytest.raises(InputError):
         rec_of(tiny, max_new_tokens=None)
+
+
+def test_recording_sees_the_direction_interventions(tiny):
+    """ls.ablate: no recorded residual (layers 1..n, every prompt and reply position) keeps a component along
+    the direction; ls.add at layer 2: the recorded layer 2 is the unedited stream plus the vector where the
+    two runs still share their tokens."""
+    from lens_safety.analyses.directions import RefusalDirection, ablate, add
+
+    g = torch.Generator().manual_seed(0)
+    d = RefusalDirection(torch.randn(tiny.d_model, generator=g), 2, -1, tiny.name, tiny.weights_hash, tiny.n_layers)
+    unit = d.unit
+    plain = rec_of(tiny)
+    ablated = rec_of(tiny, fwd_hooks=list(ablate(d)))
+    for i in range(len(PROMPTS)):
+        proj = ablated.resid(i)[:, 1:] @ unit
+        assert proj.abs().max() < 1e-4 * ablated.resid(i).abs().max()
+        assert (plain.resid(i)[:, 1:] @ unit).abs().max() > 1e-2
+    added = rec_of(tiny, fwd_hooks=list(add(d, layer=2, coeff=3.0)))
+    for i in range(len(PROMPTS)):
+        a, b = added.reply_ids[i], plain.reply_ids[i]
+        common = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        n = added.n_recorded_prompt[i] + common  # positions whose inputs the two runs share
+        torch.testing.assert_close(added.resid(i, 2)[:n], plain.resid(i, 2)[:n] + 3.0 * d.vector, atol=1e-5,
+                                   rtol=1e-5)
+        torch.testing.assert_close(added.resid(i, 1)[:n], plain.resid(i, 1)[:n])

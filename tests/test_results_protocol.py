@@ -276,7 +276,7 @@ def test_direction_selection_round_trip_keeps_grids_and_direction(make, tmp_path
 #: Result classes that do not save yet. Remove a name here when it gains save/load.
 NOT_YET: set[str] = set()
 MODULES = ("lens", "directions", "probes", "patching", "tuned_lens", "translators", "refusal", "behaviour.pairs",
-           "activations", "judges", "jailbreaks", "analyses.harm")
+           "activations", "judges", "jailbreaks", "analyses.harm", "analyses.reply", "model.recording")
 
 
 def test_every_public_result_class_follows_the_protocol():
