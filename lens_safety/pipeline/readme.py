@@ -231,6 +231,10 @@ def reply_table(metrics: dict[str, Any]) -> str:
         lo, hi = t["agreement_ci"]
         rows.append((f"{group}: judge on the first {early} tokens agrees with the full reply",
                      f"{fmt(t[f'early{early}_agreement'])}{ci_text(lo, hi, digits=2)}"))
+    for group, w in (r.get("refusal_readout") or {}).items():
+        windows = [k for k in w if k != "n"]
+        rows.append((f"refusal readout at layer {r.get('readout_layer')}, {group} (n={w['n']}): "
+                     + " / ".join(windows), " / ".join(fmt(w[k]) for k in windows)))
     for name, what in (("detection", "harmless replies"), ("compliance", "refused harmful replies")):
         for key, d in (r.get(name) or {}).items():
             k, group = key.split("/", 1)

@@ -184,6 +184,25 @@ class ReplyReadouts:
         rows = np.flatnonzero(self.reply == i)
         return self.values[rows, self.columns.index(self.column(readout, layer))].astype(np.float64)
 
+    def summary(self, readout: str = "refusal", layer: int | None = None,
+                windows: Sequence[tuple[int, int]] = ((0, 0), (1, 8), (9, 24), (25, 10_000)), by=("group", "outcome")):
+        """Mean ``readout`` per ``by`` group (default: set and judged outcome) over step windows (inclusive),
+        with the number of replies: one row per group, a column ``"steps a-b"`` per window."""
+        import pandas as pd
+
+        j = self.columns.index(self.column(readout, layer))
+        keys = self.replies[list(by)].astype(str).agg("/".join, axis=1).to_numpy()[self.reply]
+        rows = []
+        for key in dict.fromkeys(keys):
+            sel = keys == key
+            row = {"group": key, "n": int(len(np.unique(self.reply[sel])))}
+            for a, b in windows:
+                w = sel & (self.step >= a) & (self.step <= b)
+                label = f"steps {a}-{b}" if b < 10_000 else f"steps {a}+"
+                row[label if a != b else f"step {a}"] = float(self.values[w, j].mean()) if w.any() else float("nan")
+            rows.append(row)
+        return pd.DataFrame(rows)
+
     def to_frame(self):
         """Tidy: one row per (reply, step, readout, layer) with group, method, outcome and the token."""
         import pandas as pd

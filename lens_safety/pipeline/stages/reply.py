@@ -143,6 +143,9 @@ class ReplyStage(Stage):
                                        "agreement_ci": [r["agreement_ci_low"], r["agreement_ci_high"]]}
                           for r in s.to_dict("records")},
                 "early_tokens": early,
+                "readout_layer": result.settings["view_layer"],
+                "refusal_readout": {r.pop("group"): r for r in result.readouts.summary(
+                    "refusal", result.settings["view_layer"]).to_dict("records")},
                 "detection": detection_metrics(result.detection), "detection_note": result.detection.note,
                 "compliance": detection_metrics(result.compliance), "compliance_note": result.compliance.note,
                 "fpr": result.settings["fpr"]}
