@@ -675,3 +675,21 @@ def test_reply_stage_reads_the_refusal_stages_own_generation(tmp_path, monkeypat
     ctx = Context(model, make_config(True, 8, ["prefix_injection"]), {}, out=tmp_path, progress=False, results={},
                   stage=S.reply.STAGE)
     assert ctx.record is None and "--reply" in S.reply.STAGE.run(ctx).skipped
+
+
+def test_readout_summary_means_over_step_windows():
+    """ReplyReadouts.summary: the mean readout per (group, outcome) over inclusive step windows, by hand."""
+    import pandas as pd
+
+    from lens_safety.analyses.reply import ReplyReadouts
+
+    values = np.array([[0.0], [1.0], [2.0], [3.0], [10.0], [20.0]], dtype=np.float32)
+    reply = np.array([0, 0, 0, 0, 1, 1])
+    step = np.array([0, 1, 2, 3, 0, 1])
+    replies = pd.DataFrame({"group": ["a", "b"], "outcome": ["refused", "complied"], "method": "plain",
+                            "request": ["r0", "r1"], "n_reply": [3, 1]})
+    ro = ReplyReadouts(values, ["refusal@1"], reply, step, ["t"] * 6, replies)
+    s = ro.summary("refusal", windows=((0, 0), (1, 2), (3, 10_000))).set_index("group")
+    assert s.loc["a/refused", "step 0"] == 0.0 and s.loc["a/refused", "steps 1-2"] == 1.5
+    assert s.loc["a/refused", "steps 3+"] == 3.0 and s.loc["a/refused", "n"] == 1
+    assert s.loc["b/complied", "steps 1-2"] == 20.0 and np.isnan(s.loc["b/complied", "steps 3+"])
