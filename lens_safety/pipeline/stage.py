@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..behaviour.judges import as_judge
-from ..core import store
+from ..core import parallel, store
 from ..core.errors import CacheError, InputError
 from ..inputs.jailbreaks import jailbreak
 from ..inputs.prompts import PromptSet
@@ -253,7 +253,7 @@ class Context:
             return None
         from ..analyses.reply import reply_record_spec
 
-        return reply_record_spec(self.model)
+        return None if parallel.num_processes() > 1 else reply_record_spec(self.model)
 
     def eval_sets(self) -> dict[str, PromptSet]:
         """The sets whose replies are generated (the generic harmless set only feeds the probes)."""

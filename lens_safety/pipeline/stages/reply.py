@@ -98,8 +98,11 @@ class ReplyStage(Stage):
         if not cfg.reply:
             return ReplyStageResult.skip("The along-the-reply stage was not run; run with --reply to add it (the "
                                          "generation pass then records the residual stream along every reply).")
-        if not ctx.aligned or ctx.record is None:
+        if not ctx.aligned:
             return ReplyStageResult.skip("Along the reply needs a chat-aligned model (replies that refuse).")
+        if ctx.record is None:
+            return ReplyStageResult.skip("Along the reply records in one process; this run is data-parallel "
+                                         "(accelerate/torchrun): rerun it in one process for --reply.")
         model = ctx.model
         groups = {name: ctx.refusal(ps) for name, ps in ctx.eval_sets().items()}
         for method, ps in wrapped_sets(groups["harmbench"], cfg.jailbreaks).items():
