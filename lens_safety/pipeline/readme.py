@@ -157,6 +157,20 @@ def readme_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _verdict_rows(metrics: dict[str, Any], keys: tuple[str, ...]) -> list[tuple[str, str]]:
+    verdicts = metrics.get("verdicts") or {}
+    return [(f"verdict {k.replace('_', ' ')}", verdicts[k]["status"]) for k in keys if verdicts.get(k)]
+
+
+def _block(metrics: dict[str, Any], detail: str, rows: list[tuple[str, str]]) -> str:
+    """A generated README block: the run's model and kind, then a two-column Markdown table."""
+    cfg = metrics.get("config", {})
+    lines = [f"Model `{metrics['headline'].get('model')}`, {'quick' if cfg.get('quick') else 'full'} run "
+             f"(jailbreaks: {', '.join(cfg.get('jailbreaks') or [])}; {detail}):", "",
+             "| measure | value |", "|---|---|"]
+    return "\n".join(lines + [f"| {a} | {b} |" for a, b in rows]) + "\n"
+
+
 def harm_table(metrics: dict[str, Any]) -> str:
     """The README's harm-vs-refusal block (Markdown) from the ``metrics.json`` of a run with ``--harm``.
 
@@ -198,15 +212,8 @@ def harm_table(metrics: dict[str, Any]) -> str:
                      f"{fmt(f.get('borderline_refusal_plain'))} -> {fmt(f.get('borderline_refusal_targeted'))} / "
                      f"{fmt(f.get('harmful_refusal_plain'))} -> {fmt(f.get('harmful_refusal_targeted'))}, "
                      f"KL {fmt(f.get('harmless_kl_targeted'), 3)}"))
-    for key in ("harm_vs_refusal", "harm_steering", "latent_guard"):
-        v = (metrics.get("verdicts") or {}).get(key)
-        if v:
-            rows.append((f"verdict {key.replace('_', ' ')}", v["status"]))
-    cfg = metrics.get("config", {})
-    lines = [f"Model `{metrics['headline'].get('model')}`, {'quick' if cfg.get('quick') else 'full'} run "
-             f"(jailbreaks: {', '.join(cfg.get('jailbreaks') or [])}; steering on {cfg.get('n_eval')} prompts "
-             "per set):", "", "| measure | value |", "|---|---|"]
-    return "\n".join(lines + [f"| {a} | {b} |" for a, b in rows]) + "\n"
+    rows += _verdict_rows(metrics, ("harm_vs_refusal", "harm_steering", "latent_guard"))
+    return _block(metrics, f"steering on {metrics.get('config', {}).get('n_eval')} prompts per set", rows)
 
 
 def reply_table(metrics: dict[str, Any]) -> str:
@@ -252,16 +259,9 @@ def reply_table(metrics: dict[str, Any]) -> str:
         note = r.get(f"{name}_note")
         if note:
             rows.append((f"early detection vs {what}", note))
-    for key in ("reply_turns", "early_detection"):
-        v = (metrics.get("verdicts") or {}).get(key)
-        if v:
-            rows.append((f"verdict {key.replace('_', ' ')}", v["status"]))
-    cfg = metrics.get("config", {})
-    lines = [f"Model `{metrics['headline'].get('model')}`, {'quick' if cfg.get('quick') else 'full'} run "
-             f"(jailbreaks: {', '.join(cfg.get('jailbreaks') or [])}; {r['n_replies']} replies of up to "
-             f"{cfg.get('max_new_tokens')} tokens, recorded at layers {r['layers']}):", "",
-             "| measure | value |", "|---|---|"]
-    return "\n".join(lines + [f"| {a} | {b} |" for a, b in rows]) + "\n"
+    rows += _verdict_rows(metrics, ("reply_turns", "early_detection"))
+    return _block(metrics, f"{r['n_replies']} replies of up to {metrics.get('config', {}).get('max_new_tokens')} "
+                  f"tokens, recorded at layers {r['layers']}", rows)
 
 
 #: README marker -> the table written between its markers
