@@ -278,3 +278,17 @@ def test_readme_reply_block_is_generated_from_the_committed_reply_run():
     assert set(metrics["verdicts"]) >= {"reply_turns", "early_detection"}
     assert metrics["stages"]["reply"]["n_replies"] == sum(t["n"] for g, t in metrics["stages"]["reply"]["turns"].items()
                                                           if g != "all")
+
+
+def test_readme_recording_costs_are_the_benchmarks():
+    """The README's recording costs are benchmarks/results/recording.json's (python benchmarks/bench_recording.py)."""
+    bench = json.loads((ROOT / "benchmarks" / "results" / "recording.json").read_text())
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    run, widest = (bench["recording"][k] for k in sorted(bench["recording"], key=lambda k: not k.startswith("run")))
+    assert bench["tokens_equal"] is True
+    run_overhead = f"{run['overhead'] * 100:+.1f}%".replace("-", "−")
+    for number in (f"{run['median_s']:.1f} s", f"{bench['plain_s']:.1f} s", run_overhead,
+                   f"{widest['median_s']:.1f} s", f"{widest['overhead'] * 100:+.1f}%",
+                   f"{widest['peak_rss_above_start_bytes'] / 1e9:.2f} GB", f"{widest['total_bytes'] / 1e6:.0f} MB",
+                   f"{min(bench['plain_s_all']):.1f} to {max(bench['plain_s_all']):.1f} s"):
+        assert number in text, f"README's recording costs do not show {number!r} from recording.json"
