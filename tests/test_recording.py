@@ -526,3 +526,17 @@ def test_recording_sees_the_direction_interventions(tiny):
         torch.testing.assert_close(added.resid(i, 2)[:n], plain.resid(i, 2)[:n] + 3.0 * d.vector, atol=1e-5,
                                    rtol=1e-5)
         torch.testing.assert_close(added.resid(i, 1)[:n], plain.resid(i, 1)[:n])
+
+
+def test_a_recording_without_scores_is_not_reused_where_scores_are_needed(tiny, tmp_path):
+    """The score function is part of the cache key: a recording cached without first-pass scores (or with
+    other ones) is not handed to evaluate_refusal, whose scores must be the RefusalTokens ones."""
+    plain = rec_of(tiny, record=[1], cache=tmp_path / "replies")
+    assert plain.scores is None
+    res = evaluate_refusal(tiny, PROMPTS, max_new_tokens=N_NEW, batch_size=2, cache=tmp_path, progress=False,
+                           record=[1])
+    assert res.recording.scores is not None and res.recording.reply_ids == plain.reply_ids
+    np.testing.assert_allclose(res.recording.scores, res.score, rtol=1e-6)
+    other = rec_of(tiny, record=[1], cache=tmp_path / "replies", score_first=lambda lg: lg[:, 0])
+    assert np.isfinite(other.scores).all() and not np.allclose(other.scores, res.score)  # its own scores
+    assert len([p for p in (tmp_path / "replies").iterdir() if p.is_dir()]) == 3

@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from ..capture import prompt_to_json
 from ..core.errors import CacheError, InputError, UnknownNameError
 from ..core.store import read_artifact, write_artifact
 from ..core.validation import check_int, check_number, config_from_options
 from ..inputs.jailbreaks import jailbreak, jailbreak_methods
-from ..inputs.prompts import Prompt, PromptSet
+from ..inputs.prompts import Prompt, PromptSet, prompt_to_json
 from ..model.generation import check_decoding, to_prompt_set
 from ..model.loading import SafetyModel
 from . import figures as viz

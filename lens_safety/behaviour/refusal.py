@@ -43,13 +43,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..capture import prompt_to_json, software_key
 from ..core import assets, parallel
 from ..core.errors import CacheError, InputError
 from ..core.stats import wilson_interval
 from ..core.store import read_artifact, sha256_json, write_artifact
 from ..core.validation import check_same_model
-from ..inputs.prompts import Prompt, PromptSet
+from ..inputs.prompts import Prompt, PromptSet, prompt_to_json
 from ..model.generation import (
     CURRENT_STEP,
     GenerationStep,
@@ -59,7 +58,7 @@ from ..model.generation import (
     run_generation,
     to_prompt_set,
 )
-from ..model.loading import SafetyModel, forward_logits
+from ..model.loading import SafetyModel, forward_logits, software_key
 from ..model.recording import generate, record_generation
 from . import figures as viz
 from .judges import OUTCOMES, SUBSTRING_PHRASES, CallableJudge, Judge, as_judge, default_judge

@@ -28,12 +28,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..core.errors import InputError
 from ..core.validation import check_int, check_number
 from ..inputs.prompts import Prompt, PromptSet, as_prompt_set
 from .loading import SafetyModel, forward_logits
 
 __all__ = ["GenerationStep", "CURRENT_STEP", "generation_step", "kv_cache_shim", "stop_ids", "length_order",
-           "run_generation", "to_prompt_set", "check_decoding", "Sampling"]
+           "run_generation", "to_prompt_set", "check_decoding", "check_sampling", "Sampling"]
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ class GenerationStep:
     ``k + 1``; ``prompt_len`` is the padded prompt width of the batch (so the last prompt
     position is ``prompt_len - 1``); ``kv_cache`` says whether later passes see only the
     newest position (True) or recompute the whole sequence (False); ``rows`` are the input
-    indices (into the prompts passed to :func:`~lens_safety.model.recording.generate`) of the batch's rows, in row order
-    (batches are sorted by length, so a hook that edits rows differently must use them).
+    indices (into the prompts passed to :func:`~lens_safety.model.recording.generate`) of the batch's rows, in
+    row order (batches are sorted by length, so a hook that edits rows differently must use them).
     """
 
     step: int
@@ -62,7 +63,7 @@ CURRENT_STEP: contextvars.ContextVar[GenerationStep | None] = contextvars.Contex
 
 
 def generation_step() -> GenerationStep | None:
-    """The current :class:`GenerationStep` inside :func:`~lens_safety.model.recording.generate` (``None`` outside)."""
+    """The current :class:`GenerationStep` inside :func:`~lens_safety.model.recording.generate` (None outside)."""
     return CURRENT_STEP.get()
 
 
@@ -167,6 +168,12 @@ class Sampling:
             drop = sorted_p.cumsum(-1) - sorted_p >= self.top_p  # keep the smallest set reaching top_p
             probs = probs.scatter(-1, idx, sorted_p.masked_fill(drop, 0.0))
         return torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(gens)])
+
+
+def check_sampling(sampling) -> None:
+    """``sampling`` is None (greedy) or a :class:`Sampling`, else :class:`~lens_safety.core.errors.InputError`."""
+    if sampling is not None and not isinstance(sampling, Sampling):
+        raise InputError(f"sampling must be a Sampling(...) or None (greedy), got {type(sampling).__name__}.")
 
 
 def length_order(model: SafetyModel, formatted: Sequence[str], chat: bool | None) -> list[int]:

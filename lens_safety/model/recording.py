@@ -45,7 +45,7 @@ from ..core.figures import figure_axes, line_with_band
 from ..core.stats import mean_ci
 from ..core.validation import check_int
 from ..inputs.prompts import Prompt, PromptSet, prompt_to_json
-from .generation import CURRENT_STEP, Sampling, check_decoding, run_generation, to_prompt_set
+from .generation import CURRENT_STEP, Sampling, check_decoding, check_sampling, run_generation, to_prompt_set
 from .loading import SafetyModel, software_key
 
 __all__ = ["RecordSpec", "ReplyRecording", "record_generation", "generate", "Sampling", "SCHEMA_VERSION"]
@@ -175,7 +175,7 @@ class _Recorder:
                  "prompt_ids": torch.cat(prompt_ids).to(torch.int64),
                  "reply_ids": torch.tensor([t for k in kept for t in k], dtype=torch.int64)}
         if scores is not None:
-            shard["scores"] = scores.float()
+            shard["scores"] = scores.float().contiguous()
         if self.partial is not None:  # on disk now: memory holds one batch at a time
             _write_shard(self.partial, b, shard)
             shard = None
@@ -400,10 +400,23 @@ def _write_meta(folder: Path, meta: dict[str, Any], shas: dict[str, str]) -> Non
                                                   "shards": shas}, checksum=True)
 
 
+def _function_key(fn: Callable | None) -> str | None:
+    """A callable's identity for a cache key: its qualified name, and for a bound method the repr of its
+    object (a frozen dataclass such as :class:`~lens_safety.behaviour.refusal.RefusalTokens` shows its ids)."""
+    if fn is None:
+        return None
+    owner = getattr(fn, "__self__", None)
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    return name if owner is None else f"{name}:{store.sha256_json(repr(owner))[:16]}"
+
+
 def recording_key(model: SafetyModel, ps: PromptSet, spec: RecordSpec, *, formatting: dict, max_new_tokens: int,
-                  batch_size: int, sampling: Sampling | None, hooks: list[str]) -> dict[str, Any]:
-    """What decides a recording: model, software, prompts, formatting, decoding, batching, spec, hook names."""
-    return {"schema_version": SCHEMA_VERSION, "weights_hash": model.weights_hash, "model_dtype": str(model.dtype),
+                  batch_size: int, sampling: Sampling | None, hooks: list[str],
+                  score_first: Callable | None = None) -> dict[str, Any]:
+    """What decides a recording: model, software, prompts, formatting, decoding, batching, spec, hook names and
+    the first-pass score function."""
+    return {"scores": _function_key(score_first), "schema_version": SCHEMA_VERSION,
+            "weights_hash": model.weights_hash, "model_dtype": str(model.dtype),
             **software_key(model), "prompts_hash": ps.hash(), "formatting": formatting,
             "max_new_tokens": max_new_tokens, "batch_size": batch_size, "spec": spec.to_dict(), "hooks": hooks,
             "decoding": "greedy" if sampling is None else {"sampling": asdict(sampling)}}
@@ -438,7 +451,8 @@ def record_generation(model: SafetyModel, prompts: PromptSet | Sequence[str], *,
     """Generate (greedy, or seeded ``sampling``) and record the residual stream at ``record`` layers.
 
     ``record``: a layer, a list of layers, ``"all"`` or a :class:`RecordSpec` (prompt positions, dtype).
-    The tokens are those of :func:`~lens_safety.model.generation.generate` with the same arguments.
+    The tokens are those of :func:`generate` with the same arguments. ``score_first`` (the prompt pass's
+    last logits -> one score per row) fills ``scores``; its identity is part of the cache key.
     ``cache``: ``True`` (``$LENS_SAFETY_HOME/replies/<key>``), a folder, or ``False`` (in memory). Each
     batch is written as it finishes; an interrupted call resumes from its finished batches. With
     ``fwd_hooks`` (interventions: ``ablate``, ``add``) the hooks' code cannot be hashed, so the shared
@@ -455,8 +469,7 @@ def record_generation(model: SafetyModel, prompts: PromptSet | Sequence[str], *,
     ps = to_prompt_set(prompts)
     if not len(ps):
         raise InputError("No prompts to generate from: pass at least one prompt.")
-    if sampling is not None and not isinstance(sampling, Sampling):
-        raise InputError(f"sampling must be a Sampling(...) or None (greedy), got {type(sampling).__name__}.")
+    check_sampling(sampling)
     if fwd_hooks and cache is True:
         raise InputError("Recording with fwd_hooks cannot use the shared cache (the hooks' code is not part of its "
                          "key): pass cache='my_runs/ablate_L12' (a folder for this intervention) or cache=False.")
@@ -464,7 +477,8 @@ def record_generation(model: SafetyModel, prompts: PromptSet | Sequence[str], *,
         raise InputError("record_generation runs in one process; launch it without accelerate/torchrun.")
     formatting = model.formatting_key(system=system, chat=chat)
     key = recording_key(model, ps, spec, formatting=formatting, max_new_tokens=max_new_tokens,
-                        batch_size=batch_size, sampling=sampling, hooks=[name for name, _ in fwd_hooks])
+                        batch_size=batch_size, sampling=sampling, hooks=[name for name, _ in fwd_hooks],
+                        score_first=score_first)
     entry = _cache_entry(cache, key)
     if entry is not None:
         hit = _try_load(entry, key, ps, model.tokenizer)
@@ -545,8 +559,7 @@ def generate(model: SafetyModel, prompts: PromptSet | Sequence[str], *, max_new_
                                  sampling=sampling, cache=False, progress=progress)
     max_new_tokens, batch_size = check_decoding(check_int(max_new_tokens, "max_new_tokens", low=1), batch_size)
     ps = to_prompt_set(prompts)
-    if sampling is not None and not isinstance(sampling, Sampling):
-        raise InputError(f"sampling must be a Sampling(...) or None (greedy), got {type(sampling).__name__}.")
+    check_sampling(sampling)
     texts, _, _ = run_generation(model, ps, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                  system=system, chat=chat, fwd_hooks=fwd_hooks, progress=progress,
                                  sampling=sampling)

@@ -19,10 +19,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ...capture import Residuals, collect_residuals, prompt_to_json
+from ...capture import Residuals, collect_residuals
 from ...core.errors import CacheError, InputError, ModelMismatchError
 from ...core.validation import check_finite
-from ...inputs.prompts import Prompt, PromptSet
+from ...inputs.prompts import Prompt, PromptSet, prompt_to_json
 
 __all__ = ["lens_logits"]
 
